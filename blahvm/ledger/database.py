@@ -1,0 +1,180 @@
+"""The ledger's SQLite file: safe creation, WAL mode, schema version and migrations."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import time
+from typing import Callable, Dict
+
+from blahvm.ledger.errors import LedgerBusy, LedgerError
+
+FILENAME = "ledger.sqlite"
+SCHEMA_VERSION = 1
+
+_SCHEMA_V1 = """
+CREATE TABLE entries (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id      TEXT NOT NULL,
+    slot        INTEGER NOT NULL,
+    state       TEXT NOT NULL,
+    user        TEXT NOT NULL,
+    vo          TEXT,
+    environment TEXT NOT NULL,
+    memory      INTEGER NOT NULL,
+    vcpus       INTEGER NOT NULL,
+    guest       TEXT,
+    volumes     TEXT NOT NULL DEFAULT '[]',
+    run_dir     TEXT,
+    pid         INTEGER,
+    pid_start   INTEGER,
+    steps       TEXT NOT NULL DEFAULT '[]',
+    timings     TEXT NOT NULL DEFAULT '[]',
+    outcome     TEXT,
+    reason      TEXT,
+    created     REAL NOT NULL,
+    updated     REAL NOT NULL,
+    closed      REAL,
+    version     INTEGER NOT NULL DEFAULT 1
+);
+-- The invariants hold in the database itself, whatever code writes to it:
+-- one live entry per batch job, and no slot held twice.
+CREATE UNIQUE INDEX entries_live_job ON entries(job_id) WHERE state != 'closed';
+CREATE UNIQUE INDEX entries_live_slot ON entries(slot) WHERE state != 'closed';
+CREATE INDEX entries_closed ON entries(closed) WHERE state = 'closed';
+"""
+
+
+def _create_v1(db: sqlite3.Connection) -> None:
+    for statement in _SCHEMA_V1.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+# MIGRATIONS[n] brings a ledger from schema version n to n + 1, inside the caller's transaction.
+# To change the schema: add MIGRATIONS[SCHEMA_VERSION] and increment SCHEMA_VERSION.
+MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {0: _create_v1}
+
+
+def ledger_path(state_dir: str) -> str:
+    return os.path.join(state_dir, FILENAME)
+
+
+def prepare_file(path: str) -> None:
+    """Create the ledger file 0600 (SQLite gives its -wal and -shm files the same mode) and check it.
+
+    A missing directory is created 0755, not 0700: the state directory usually also holds images and
+    clones, which the hypervisor's own user must be able to reach. The ledger file itself stays private.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        _refuse_if_writable_by_others(directory, os.stat(directory))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            info = os.fstat(fd)
+        finally:
+            os.close(fd)
+    except OSError as error:
+        raise LedgerError(f"ledger {path} cannot be opened: {error.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise LedgerError(f"ledger {path} is not a regular file")
+    _refuse_if_writable_by_others(path, info)
+
+
+def _refuse_if_writable_by_others(path: str, info: os.stat_result) -> None:
+    sticky = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky:
+        raise LedgerError(
+            f"ledger {path} is writable by group or others (mode {stat.S_IMODE(info.st_mode):o}): "
+            "make it writable by its owner only (chmod go-w)"
+        )
+
+
+def connect(path: str, busy_timeout: float) -> sqlite3.Connection:
+    """An open, migrated ledger in WAL mode; transactions are begun explicitly by the caller."""
+    prepare_file(path)
+    db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=True)
+    try:
+        with translated_errors(path):
+            db.row_factory = sqlite3.Row
+            _use_wal(db, busy_timeout)
+            db.execute("PRAGMA synchronous=FULL")  # a committed reservation survives a power cut
+            migrate(db, path)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _use_wal(db: sqlite3.Connection, busy_timeout: float) -> None:
+    # Switching a new file to WAL needs a moment of exclusive access and does not always wait for
+    # it: retry until the busy timeout when many hooks open a brand-new ledger together.
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            break
+        except sqlite3.OperationalError as error:
+            if not _is_busy(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+    if mode.lower() != "wal":
+        raise sqlite3.OperationalError(f"cannot switch to WAL mode (still {mode})")
+
+
+def migrate(db: sqlite3.Connection, path: str) -> None:
+    """Bring the schema to ``SCHEMA_VERSION``, in one transaction; refuse a newer one."""
+    if _version(db) == SCHEMA_VERSION:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = _version(db)  # another process may have migrated while this one waited
+        if version > SCHEMA_VERSION:
+            raise LedgerError(
+                f"ledger {path} has schema version {version}, newer than this blahvm "
+                f"understands ({SCHEMA_VERSION}): upgrade blahvm on this host"
+            )
+        if version == 0 and db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise LedgerError(f"{path} is an SQLite database but not a blahvm ledger: move it aside")
+        while version < SCHEMA_VERSION:
+            MIGRATIONS[version](db)
+            version += 1
+        db.execute(f"PRAGMA user_version = {int(version)}")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _is_busy(error: sqlite3.Error) -> bool:
+    text = str(error).lower()
+    return "locked" in text or "busy" in text
+
+
+class translated_errors:
+    """Turn SQLite's exceptions into ``LedgerError`` / ``LedgerBusy`` that name the file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if error is None or not isinstance(error, sqlite3.Error):
+            return False
+        if isinstance(error, sqlite3.OperationalError) and _is_busy(error):
+            raise LedgerBusy(
+                f"ledger {self.path} stayed locked by another process past the busy timeout: "
+                "retry, and look for a hung blahvm hook"
+            ) from None
+        raise LedgerError(
+            f"ledger {self.path} is unreadable ({error}): move it aside and run 'blahvm reap'"
+        ) from None
