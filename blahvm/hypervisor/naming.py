@@ -1,0 +1,60 @@
+"""Names blahvm gives to guests and volumes, derived from a job id and safe everywhere.
+
+A job id is user-influenced (LSF array ids ``123[4]``, PBS ``123.server``, anything a harness passes),
+so it never becomes a name as is: it is reduced to ``[A-Za-z0-9._]`` and a hash of the exact id is
+appended, so two ids that sanitise alike still get different names. The result is safe as a libvirt
+domain name, a file name in the clone pool, a log field and a shell word.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from blahvm.hypervisor.errors import SpecError
+
+PREFIX = "blahvm-"
+_KEEP = re.compile(r"[^A-Za-z0-9._]")
+_MAX_READABLE = 32  # keeps names short enough for libvirt's per-domain socket and log paths
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
+
+
+def job_hash(job_id: str) -> str:
+    """8 hex digits of sha256 over the exact id (surrogates included, so any str works)."""
+    return hashlib.sha256(job_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
+def guest_name(job_id: str) -> str:
+    """``blahvm-<sanitised id>-<hash>``: the domain name of the guest that runs ``job_id``."""
+    if not job_id:
+        raise SpecError("a job id is needed to name its guest, got an empty one")
+    readable = _KEEP.sub("_", job_id)[:_MAX_READABLE]
+    return f"{PREFIX}{readable}-{job_hash(job_id)}"
+
+
+def disk_volume_name(guest: str) -> str:
+    """The clone volume that is the guest's root disk."""
+    return check_safe_name(guest) + ".qcow2"
+
+
+def scratch_volume_name(guest: str) -> str:
+    """The guest's empty scratch disk."""
+    return check_safe_name(guest) + "-scratch.qcow2"
+
+
+def check_safe_name(name: str) -> str:
+    """``name`` itself if it is safe as a domain, volume or file name; else a ``SpecError``."""
+    if not isinstance(name, str) or not SAFE_NAME.match(name):
+        raise SpecError(
+            f"{name!r} is not a safe guest or volume name "
+            "(letters, digits, '.', '_', '-', starting with a letter or digit, at most 100)"
+        )
+    return name
+
+
+def is_xml_text(text: str) -> bool:
+    """Whether XML 1.0 can carry ``text`` as is (no NUL, no other C0 controls, no surrogates)."""
+    return not _NOT_XML.search(text)
+
+
+_NOT_XML = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")

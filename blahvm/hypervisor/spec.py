@@ -1,0 +1,118 @@
+"""What a guest is made of, before it becomes domain XML: frozen values, checked on construction.
+
+Paths and the kernel command line come from the site config or from blahvm itself; they are still
+checked here (absolute, representable in XML, one line) so a bad value is a clear ``SpecError``
+instead of a malformed domain.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid as uuidlib
+from typing import Optional, Tuple
+
+import attrs
+
+from blahvm.hypervisor.errors import SpecError
+from blahvm.hypervisor.metadata import GuestMetadata
+from blahvm.hypervisor.naming import SAFE_NAME, check_safe_name, is_xml_text
+from blahvm.model import FLAVOURS
+from blahvm.quantities import Size
+
+DISK_FORMATS = ("qcow2", "raw")
+GUEST_DOMAIN_TYPES = ("kvm", "qemu")  # resolved: "auto" is decided before a spec is built
+AGENT_PORT = "org.blahvm.agent.{}"
+
+
+def _check_path(what: str, path: Optional[str]) -> None:
+    if path is None:
+        return
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise SpecError(f"{what} must be an absolute path, got {path!r}")
+    if not is_xml_text(path) or "\n" in path or "\r" in path:
+        raise SpecError(f"{what} {path!r} contains control characters")
+
+
+def _check_line(what: str, text: Optional[str]) -> None:
+    if text is not None and (not is_xml_text(text) or "\n" in text or "\r" in text):
+        raise SpecError(f"{what} {text!r} must be one line of printable text")
+
+
+@attrs.frozen
+class DiskSpec:
+    """A disk image file the guest sees, in the order given (first one boots)."""
+
+    path: str
+    format: str = "qcow2"
+    readonly: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        _check_path("disk path", self.path)
+        if self.format not in DISK_FORMATS:
+            raise SpecError(f"disk format {self.format!r} is not one of {', '.join(DISK_FORMATS)}")
+
+
+def guest_uuid(name: str) -> str:
+    """A UUID fixed by the guest name, so re-running ``prepare`` redefines the same domain."""
+    return str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, "https://blahvm.org/guest/" + name))
+
+
+@attrs.frozen
+class GuestSpec:
+    """One guest: shape, disks, boot, agent channels, network and whose job it runs."""
+
+    name: str
+    uuid: str
+    flavour: str  # one of blahvm.model.FLAVOURS
+    memory: Size
+    vcpus: int
+    disks: Tuple[DiskSpec, ...]
+    metadata: GuestMetadata
+    agent_sockets: Tuple[str, ...] = ()  # host-side UNIX sockets; port i is org.blahvm.agent.<i>
+    kernel: Optional[str] = None
+    initrd: Optional[str] = None
+    cmdline: Optional[str] = None
+    bootloader: Optional[str] = None  # xen-pv: e.g. /usr/lib/xen-4.17/bin/pygrub
+    network: Optional[str] = None  # a libvirt network name
+    serial_log: Optional[str] = None  # kvm: file that receives the serial console; None: a pty
+    domain_type: str = "qemu"  # kvm flavour only: kvm, or qemu where KVM cannot run guests
+    arch: str = "x86_64"
+
+    def __attrs_post_init__(self) -> None:
+        check_safe_name(self.name)
+        try:
+            uuidlib.UUID(self.uuid)
+        except (ValueError, TypeError, AttributeError):
+            raise SpecError(f"guest uuid {self.uuid!r} is not a UUID") from None
+        if self.flavour not in FLAVOURS:
+            raise SpecError(f"flavour {self.flavour!r} is not one of {', '.join(FLAVOURS)}")
+        if not isinstance(self.memory, int) or self.memory < 1024**2:
+            raise SpecError(f"guest memory {self.memory!r} is less than 1MiB")
+        if isinstance(self.vcpus, bool) or not isinstance(self.vcpus, int) or self.vcpus < 1:
+            raise SpecError(f"guest vcpus {self.vcpus!r} must be a whole number of at least 1")
+        if not self.disks or not all(isinstance(disk, DiskSpec) for disk in self.disks):
+            raise SpecError("a guest needs at least one DiskSpec")
+        if self.domain_type not in GUEST_DOMAIN_TYPES:
+            raise SpecError(
+                f"domain type {self.domain_type!r} is not one of {', '.join(GUEST_DOMAIN_TYPES)}"
+            )
+        for path in self.agent_sockets:
+            _check_path("agent socket", path)
+        for what in ("kernel", "initrd", "bootloader", "serial_log"):
+            _check_path(what, getattr(self, what))
+        _check_line("kernel command line", self.cmdline)
+        if self.network is not None and not SAFE_NAME.match(self.network):
+            raise SpecError(f"network name {self.network!r} is not a plain libvirt name")
+        if self.arch not in ("x86_64", "i686", "aarch64"):
+            raise SpecError(f"architecture {self.arch!r} is not supported")
+        if self.kernel is None and (self.initrd or self.cmdline):
+            raise SpecError("an initrd or kernel command line needs a kernel")
+        if self.bootloader is not None and self.flavour != "xen-pv":
+            raise SpecError("a bootloader (pygrub) is for the xen-pv flavour only")
+        if self.bootloader is not None and self.kernel is not None:
+            raise SpecError("give either a bootloader or a kernel, not both")
+
+    @property
+    def agent_ports(self) -> Tuple[Tuple[str, str], ...]:
+        """(port name, host socket) for each agent channel."""
+        return tuple((AGENT_PORT.format(i), path) for i, path in enumerate(self.agent_sockets))
