@@ -126,7 +126,16 @@ class Predicate:
     kind: str
     values: Tuple[Union[str, Comparable], ...]
     op: Optional[str] = None
-    text: str = ""  # as written in the config, for messages and dumps
+
+    def describe(self) -> str:
+        """The condition as a config would spell it: ``[cms, atlas]``, ``< 10h``, ``1h..10h``."""
+        if self.kind == "compare":
+            return f"{self.op} {self.values[0]}"
+        if self.kind == "range":
+            return f"{self.values[0]}..{self.values[1]}"
+        if len(self.values) == 1:
+            return str(self.values[0])
+        return "[" + ", ".join(str(v) for v in self.values) + "]"
 
 
 @attrs.frozen
