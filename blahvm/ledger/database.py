@@ -36,13 +36,17 @@ CREATE TABLE entries (
     created     REAL NOT NULL,
     updated     REAL NOT NULL,
     closed      REAL,
-    version     INTEGER NOT NULL DEFAULT 1
+    version     INTEGER NOT NULL
 );
 -- The invariants hold in the database itself, whatever code writes to it:
 -- one live entry per batch job, and no slot held twice.
 CREATE UNIQUE INDEX entries_live_job ON entries(job_id) WHERE state != 'closed';
 CREATE UNIQUE INDEX entries_live_slot ON entries(slot) WHERE state != 'closed';
 CREATE INDEX entries_closed ON entries(closed) WHERE state = 'closed';
+-- Every write takes the next number, so an entry's version never repeats, not even in a new run
+-- of the same job: a stale version can never match.
+CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO counters VALUES ('version', 0);
 """
 
 
@@ -175,6 +179,11 @@ class translated_errors:
                 f"ledger {self.path} stayed locked by another process past the busy timeout: "
                 "retry, and look for a hung blahvm hook"
             ) from None
-        raise LedgerError(
-            f"ledger {self.path} is unreadable ({error}): move it aside and run 'blahvm reap'"
-        ) from None
+        if isinstance(error, sqlite3.IntegrityError):
+            raise LedgerError(f"ledger {self.path} refused an inconsistent write ({error})") from None
+        if isinstance(error, sqlite3.DatabaseError):
+            raise LedgerError(
+                f"ledger {self.path} is unreadable ({error}): "
+                "move it aside, then 'blahvm reap' removes the guests nothing owns"
+            ) from None
+        raise LedgerError(f"ledger {self.path}: {error}") from None

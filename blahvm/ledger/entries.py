@@ -42,8 +42,8 @@ def may_follow(old: State, new: State) -> bool:
 class Entry:
     """One run of batch job ``job_id`` on this host: its slot, its guest, and what happened to it.
 
-    ``version`` grows with every write; pass it back as ``expected_version`` to act only if nobody
-    changed the entry since it was read. ``steps`` holds when each state was entered; ``timings`` the
+    ``version`` changes with every write and is never reused (not even by a new run of the same job):
+    pass it back as ``expected_version`` to act only if nobody changed the entry since it was read. ``steps`` holds when each state was entered; ``timings`` the
     seconds each phase took (``clone``, ``boot``, ``ready``, ``run``, ``teardown``...), in recording order.
     """
 

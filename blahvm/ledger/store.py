@@ -100,7 +100,8 @@ class Ledger:
             now = self._clock()
             cursor = db.execute(
                 "INSERT INTO entries (job_id, slot, state, user, vo, environment, memory, vcpus,"
-                " pid, pid_start, steps, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " pid, pid_start, steps, created, updated, version)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     job_id,
                     lowest_free_slot(row["slot"] for row in live),
@@ -115,6 +116,7 @@ class Ledger:
                     json.dumps([[State.RESERVED.value, now]]),
                     now,
                     now,
+                    _next_version(db),
                 ),
             )
             return _select_one(db, "WHERE id = ?", (cursor.lastrowid,))
@@ -309,11 +311,14 @@ def _entry(row: sqlite3.Row) -> Entry:
 
 def _update(db: sqlite3.Connection, entry_id: int, columns: dict) -> None:
     # Column names come from this module only (_SETTABLE and literals), never from callers' strings.
+    columns = dict(columns, version=_next_version(db))
     assignments = ", ".join(f"{name} = ?" for name in columns)
-    db.execute(
-        f"UPDATE entries SET {assignments}, version = version + 1 WHERE id = ?",
-        (*columns.values(), entry_id),
-    )
+    db.execute(f"UPDATE entries SET {assignments} WHERE id = ?", (*columns.values(), entry_id))
+
+
+def _next_version(db: sqlite3.Connection) -> int:
+    db.execute("UPDATE counters SET value = value + 1 WHERE name = 'version'")
+    return db.execute("SELECT value FROM counters WHERE name = 'version'").fetchone()[0]
 
 
 def _column_updates(fields: dict) -> dict:
