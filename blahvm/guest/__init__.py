@@ -1,0 +1,1 @@
+"""The guest side (``agent``, copied into images) and the host side (``client``) of job execution."""

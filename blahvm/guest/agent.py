@@ -1,0 +1,746 @@
+#!/usr/bin/env python3
+"""blahvm guest agent: runs a batch job's payload inside the job's guest, on behalf of the host.
+
+Stdlib only and Python 3.6+: this one file is copied alone into guest images as
+``/usr/lib/blahvm/agent.py``. It is also the single source of the wire framing, which
+``blahvm.guest.protocol`` re-exports for the host side.
+
+Usage (see docs/agent.md):
+  agent.py --port org.blahvm.agent.0       serve the virtio-serial port of that name (waits for it)
+  agent.py --port 'org.blahvm.agent.*'     serve every port whose name matches, as they appear
+  agent.py --device /dev/vport0p1          serve an already known character device
+  agent.py --listen /tmp/agent.sock        serve a UNIX socket (development and tests on a host)
+Each option may be repeated; every port is served by its own thread, one host connection at a time.
+"""
+
+import argparse
+import errno
+import fnmatch
+import json
+import os
+import pwd
+import queue
+import select
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+AGENT_VERSION = "1.0"
+PROTOCOL_VERSION = 1
+
+# -- framing -----------------------------------------------------------------------------------
+# A frame is a 6-byte header (magic, kind, payload length, big-endian) and the payload.
+# CONTROL payloads are one UTF-8 JSON object with a string "type"; data payloads are raw bytes,
+# and an empty data payload means end of that stream.
+
+MAGIC = 0xB7
+HEADER = struct.Struct(">BBI")
+MAX_PAYLOAD = 1 << 20
+DATA_CHUNK = 64 * 1024  # what one data frame carries at most when we send
+
+CONTROL = 0
+STDIN = 1
+STDOUT = 2
+STDERR = 3
+KIND_NAMES = {CONTROL: "control", STDIN: "stdin", STDOUT: "stdout", STDERR: "stderr"}
+
+STDIN_WINDOW = 1 << 20  # stdin bytes the host may send ahead of what the payload has read
+
+
+class ProtocolError(Exception):
+    """The peer sent bytes that are not a valid frame or message."""
+
+
+def encode_control(message):
+    """One control frame carrying ``message`` (a dict with a string "type")."""
+    payload = json.dumps(message, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(
+            "%s message is %d bytes, more than a frame holds (%d)"
+            % (message.get("type"), len(payload), MAX_PAYLOAD)
+        )
+    return HEADER.pack(MAGIC, CONTROL, len(payload)) + payload
+
+
+def encode_data(kind, data):
+    """Data frames for ``data`` on stream ``kind``, split to fit; empty ``data`` is end of stream."""
+    if kind not in (STDIN, STDOUT, STDERR):
+        raise ValueError("not a data stream: %r" % (kind,))
+    if not data:
+        return HEADER.pack(MAGIC, kind, 0)
+    parts = []
+    for start in range(0, len(data), DATA_CHUNK):
+        chunk = data[start : start + DATA_CHUNK]
+        parts.append(HEADER.pack(MAGIC, kind, len(chunk)))
+        parts.append(bytes(chunk))
+    return b"".join(parts)
+
+
+def decode_control(payload):
+    """The message in a control frame's payload, or ProtocolError."""
+    try:
+        message = json.loads(bytes(payload).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise ProtocolError("control frame is not valid JSON: %s" % (str(error)[:200],))
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ProtocolError("control frame is not a JSON object with a string 'type'")
+    return message
+
+
+class FrameDecoder(object):
+    """Cuts a byte stream into frames: ``feed(bytes)`` returns the complete ``(kind, payload)``s.
+
+    Control payloads come out decoded (a dict), data payloads as bytes. Anything malformed
+    raises ProtocolError, and the decoder stays failed: a stream has no resynchronisation.
+    """
+
+    def __init__(self, max_payload=MAX_PAYLOAD):
+        self._buffer = bytearray()
+        self._max_payload = max_payload
+        self._failed = None
+
+    def feed(self, data):
+        if self._failed is not None:
+            raise ProtocolError(self._failed)
+        self._buffer += data
+        frames = []
+        try:
+            while len(self._buffer) >= HEADER.size:
+                magic, kind, length = HEADER.unpack_from(self._buffer)
+                if magic != MAGIC:
+                    raise ProtocolError("bad frame magic 0x%02x (expected 0x%02x)" % (magic, MAGIC))
+                if kind not in KIND_NAMES:
+                    raise ProtocolError("unknown frame kind %d" % kind)
+                if length > self._max_payload:
+                    raise ProtocolError(
+                        "%s frame of %d bytes exceeds the limit of %d"
+                        % (KIND_NAMES[kind], length, self._max_payload)
+                    )
+                end = HEADER.size + length
+                if len(self._buffer) < end:
+                    break
+                payload = bytes(self._buffer[HEADER.size : end])
+                del self._buffer[:end]
+                if kind == CONTROL:
+                    if not payload:
+                        raise ProtocolError("empty control frame")
+                    frames.append((kind, decode_control(payload)))
+                else:
+                    frames.append((kind, payload))
+        except ProtocolError as error:
+            self._failed = str(error)
+            raise
+        return frames
+
+    @property
+    def pending(self):
+        """Bytes of an incomplete frame held back."""
+        return len(self._buffer)
+
+
+# -- byte channels -----------------------------------------------------------------------------
+
+
+class Disconnected(Exception):
+    """The host went away."""
+
+
+def _wait_fd(fd, events):
+    """Block until ``fd`` is ready for ``events``; the returned mask may also carry HUP/ERR."""
+    poller = select.poll()
+    poller.register(fd, events)
+    while True:
+        ready = poller.poll()
+        if ready:
+            return ready[0][1]
+
+
+def write_all(fd, data):
+    """Write all of ``data`` to a (possibly non-blocking) fd; Disconnected if the peer is gone.
+
+    On a virtio port with no host a write would block until the next host connects and hand it
+    stale output: the poll mask says HUP instead, and we stop.
+    """
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            written = 0
+        except (BrokenPipeError, ConnectionResetError):
+            raise Disconnected()
+        except OSError as error:
+            if error.errno in (errno.ENOTCONN, errno.ENODEV, errno.EIO):
+                raise Disconnected()
+            raise
+        if written:
+            view = view[written:]
+            continue
+        mask = _wait_fd(fd, select.POLLOUT)
+        if not mask & select.POLLOUT and mask & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+            raise Disconnected()
+
+
+class Channel(object):
+    """A connected, non-blocking byte stream to the host: an accepted socket or a virtio port."""
+
+    def __init__(self, fd, name):
+        self.fd = fd
+        self.name = name
+        self._send_lock = threading.Lock()
+        self.gone = False
+
+    def send(self, frame):
+        """Send whole frames; frames from different threads never interleave."""
+        if self.gone:
+            raise Disconnected()
+        with self._send_lock:
+            try:
+                write_all(self.fd, frame)
+            except Disconnected:
+                self.gone = True
+                raise
+
+    def recv(self, size=256 * 1024):
+        """Bytes from the host, or b'' once it has disconnected."""
+        while True:
+            try:
+                return os.read(self.fd, size)
+            except BlockingIOError:
+                _wait_fd(self.fd, select.POLLIN)
+            except (ConnectionResetError, BrokenPipeError):
+                return b""
+            except OSError as error:
+                if error.errno in (errno.ENOTCONN, errno.ENODEV, errno.EIO):
+                    return b""
+                raise
+
+
+# -- logging -------------------------------------------------------------------------------------
+
+_log_lock = threading.Lock()
+
+
+def log(where, message):
+    """One line on stderr: in a guest that is the serial console."""
+    line = "blahvm-agent[%s]: %s\n" % (where, message)
+    with _log_lock:
+        try:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+
+# -- exec requests -------------------------------------------------------------------------------
+
+
+class RequestError(Exception):
+    """An exec request the agent cannot carry out as given."""
+
+
+def _text(value, what):
+    if not isinstance(value, str):
+        raise RequestError("%s must be a string" % what)
+    raw = value.encode("utf-8", "surrogateescape")
+    if b"\0" in raw:
+        raise RequestError("%s contains a NUL byte" % what)
+    return raw
+
+
+def _id(value, what):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 32 - 1:
+        raise RequestError("%s must be a non-negative integer" % what)
+    return value
+
+
+class ExecRequest(object):
+    """A validated exec request: bytes for argv, env and cwd (non-UTF-8 travels as surrogates)."""
+
+    def __init__(self, message):
+        argv = message.get("argv")
+        if not isinstance(argv, list) or not argv:
+            raise RequestError("argv must be a non-empty list of strings")
+        self.argv = [_text(arg, "argv[%d]" % i) for i, arg in enumerate(argv)]
+        env = message.get("env")
+        if env is None:
+            env = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
+        if not isinstance(env, dict):
+            raise RequestError("env must be an object of strings")
+        self.env = {}
+        for key, value in env.items():
+            raw_key = _text(key, "env name")
+            if not raw_key or b"=" in raw_key:
+                raise RequestError("env name %r is empty or contains '='" % key)
+            self.env[raw_key] = _text(value, "env[%s]" % key)
+        cwd = message.get("cwd")
+        self.cwd = None if cwd is None else _text(cwd, "cwd")
+        self.uid = _id(message.get("uid"), "uid")
+        self.gid = _id(message.get("gid"), "gid")
+        if self.uid is not None and self.gid is None:
+            try:
+                self.gid = pwd.getpwuid(self.uid).pw_gid
+            except KeyError:
+                raise RequestError("uid %d has no entry in the guest's passwd: give gid too" % self.uid)
+        groups = message.get("groups")
+        if groups is None:
+            self.groups = None if self.gid is None else [self.gid]
+        elif isinstance(groups, list) and None not in groups:
+            self.groups = [_id(g, "groups[]") for g in groups]
+        else:
+            raise RequestError("groups must be a list of integers")
+        self.stdin = bool(message.get("stdin", False))
+
+    def describe(self):
+        who = "" if self.uid is None else " as %d:%d" % (self.uid, self.gid)
+        return "%s%s" % (self.argv[0].decode("utf-8", "replace"), who)
+
+
+def _switch_identity(request):
+    """The payload's preexec step: drop to the job's user, then enter its working directory.
+
+    The chdir comes after the switch so the directory is checked with the user's rights.
+    A failure is reported on the payload's stderr and ends it with 126, as a shell would.
+    """
+
+    def preexec():
+        try:
+            if request.groups is not None:
+                os.setgroups(request.groups)
+            if request.gid is not None:
+                os.setgid(request.gid)
+            if request.uid is not None:
+                os.setuid(request.uid)
+            if request.cwd is not None:
+                os.chdir(request.cwd)
+        except OSError as error:
+            os.write(2, ("blahvm-agent: cannot start the payload: %s\n" % error).encode("utf-8", "replace"))
+            os._exit(126)
+
+    return preexec
+
+
+# -- one host connection -----------------------------------------------------------------------
+
+LEFTOVER_DRAIN_SECONDS = 2.0  # how long output is still relayed from a finished job's escapees
+
+
+class Session(object):
+    """Serve one host connection: hello, one exec, its streams and exit status.
+
+    Threads: the caller's thread relays the payload's output and reports its exit; a reader
+    thread takes the host's frames (stdin, signals, disconnect); a writer feeds the payload's
+    stdin so a payload that does not read it never stalls the reader.
+    """
+
+    def __init__(self, channel):
+        self.channel = channel
+        self.where = channel.name
+        self.token = uuid.uuid4().hex
+        self.decoder = FrameDecoder()
+        self.pending = []  # frames read but not yet handled
+        self.process = None
+        self._group_lock = threading.Lock()
+        self._reaped = False
+        self._stdin_queue = queue.Queue()
+        self._credit_lock = threading.Lock()
+        self._stdin_credit = STDIN_WINDOW  # bounds what the host can make us buffer
+        self._host_gone = threading.Event()
+
+    # host side input
+
+    def _next_frame(self):
+        while not self.pending:
+            data = self.channel.recv()
+            if not data:
+                raise Disconnected()
+            self.pending.extend(self.decoder.feed(data))
+        return self.pending.pop(0)
+
+    def _send_control(self, message):
+        self.channel.send(encode_control(message))
+
+    def _send_error(self, text):
+        log(self.where, "error: %s" % text)
+        try:
+            self._send_control({"type": "error", "message": text})
+        except Disconnected:
+            pass
+
+    def run(self):
+        """Serve until the host disconnects."""
+        try:
+            self._send_control(
+                {
+                    "type": "hello",
+                    "protocol": PROTOCOL_VERSION,
+                    "version": AGENT_VERSION,
+                    "hostname": socket.gethostname(),
+                    "port": self.where,
+                    "session": self.token,
+                }
+            )
+            request = self._wait_exec()
+            if request is not None:
+                self._execute(request)
+            self._drain_until_disconnect()
+        except Disconnected:
+            pass
+        except ProtocolError as error:
+            self._send_error("protocol error: %s" % error)
+            self._drain_until_disconnect()
+
+    def _wait_exec(self):
+        """The host's exec request for this session; stale frames of an earlier host are skipped."""
+        while True:
+            kind, payload = self._next_frame()
+            if kind != CONTROL:
+                continue
+            if payload.get("session") != self.token:
+                log(self.where, "ignoring a %r message of an earlier connection" % payload["type"])
+                continue
+            if payload["type"] != "exec":
+                raise ProtocolError("expected an exec request, got %r" % payload["type"])
+            try:
+                return ExecRequest(payload)
+            except RequestError as error:
+                self._send_error("bad exec request: %s" % error)
+                return None
+
+    def _drain_until_disconnect(self):
+        """Nothing more to do on this connection: discard input until the host leaves."""
+        if self._host_gone.is_set():
+            return
+        try:
+            while self.channel.recv():
+                pass
+        except OSError:
+            pass
+
+    # the payload
+
+    def _execute(self, request):
+        try:
+            self.process = subprocess.Popen(
+                request.argv,
+                env=request.env,
+                stdin=subprocess.PIPE if request.stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # its own session and process group, to signal and kill
+                preexec_fn=_switch_identity(request),
+            )
+        except (OSError, ValueError, subprocess.SubprocessError) as error:
+            self._report_start_failure(request, error)
+            return
+        pid = self.process.pid
+        log(self.where, "started pid %d: %s" % (pid, request.describe()))
+        try:
+            self._send_control({"type": "started", "pid": pid, "window": STDIN_WINDOW})
+        except Disconnected:
+            pass  # the reader sees the host gone and kills the payload
+        reader = threading.Thread(target=self._read_host, name="host-reader-%s" % self.where)
+        reader.daemon = True
+        reader.start()
+        if request.stdin:
+            writer = threading.Thread(target=self._feed_stdin, name="stdin-%s" % self.where)
+            writer.daemon = True
+            writer.start()
+        status = self._relay_output()
+        log(self.where, "pid %d ended: %s" % (pid, status))
+        try:
+            self._send_control(dict(type="exit", **status))
+        except Disconnected:
+            pass
+        reader.join()
+
+    def _report_start_failure(self, request, error):
+        code = 127 if isinstance(error, FileNotFoundError) else 126
+        reason = getattr(error, "strerror", None) or str(error)
+        text = "cannot run %r: %s" % (request.argv[0].decode("utf-8", "replace"), reason)
+        log(self.where, text)
+        try:
+            self.channel.send(encode_data(STDERR, ("blahvm-agent: %s\n" % text).encode("utf-8")))
+            self._send_control({"type": "exit", "code": code, "error": text})
+        except Disconnected:
+            pass
+
+    def signal_group(self, signum):
+        """Signal the payload's process group, unless it is reaped (its id could be reused)."""
+        with self._group_lock:
+            if self._reaped:
+                return
+            try:
+                os.killpg(self.process.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _read_host(self):
+        """Stdin data, signals and the host's departure, for as long as the connection lasts."""
+        try:
+            while True:
+                kind, payload = self._next_frame()
+                if kind == STDIN:
+                    self._take_stdin(payload)
+                elif kind == CONTROL and payload["type"] == "signal":
+                    signum = payload.get("signal")
+                    if isinstance(signum, int) and not isinstance(signum, bool) and 0 < signum < 65:
+                        log(self.where, "forwarding signal %d" % signum)
+                        self.signal_group(signum)
+                elif kind == CONTROL:
+                    log(self.where, "ignoring a %r message during exec" % payload["type"])
+        except (Disconnected, ProtocolError, OSError) as error:
+            if isinstance(error, ProtocolError):
+                self._send_error("protocol error: %s" % error)
+            self._host_gone.set()
+            self.channel.gone = True
+            if not self._reaped:
+                log(self.where, "host disconnected: killing the payload's process group")
+                self.signal_group(signal.SIGKILL)
+            self._stdin_queue.put(None)
+
+    def _take_stdin(self, data):
+        with self._credit_lock:
+            self._stdin_credit -= len(data)
+            if self._stdin_credit < 0:
+                raise ProtocolError("the host sent stdin beyond its window")
+        self._stdin_queue.put(data if data else None)
+
+    def _feed_stdin(self):
+        stdin = self.process.stdin
+        broken = False
+        while True:
+            chunk = self._stdin_queue.get()
+            if chunk is None:
+                break
+            if not broken:
+                try:
+                    write_all(stdin.fileno(), chunk)
+                except (Disconnected, OSError):
+                    broken = True  # the payload closed its stdin: the rest is discarded
+            with self._credit_lock:
+                self._stdin_credit += len(chunk)
+            try:
+                self._send_control({"type": "window", "bytes": len(chunk)})
+            except Disconnected:
+                break
+        try:
+            stdin.close()
+        except (BrokenPipeError, OSError):
+            pass
+
+    def _relay_output(self):
+        """Send stdout and stderr as they come until both end; kill leftovers; reap; the status."""
+        streams = {self.process.stdout.fileno(): STDOUT, self.process.stderr.fileno(): STDERR}
+        for fd in streams:
+            os.set_blocking(fd, False)
+        leader_done_at = None
+        while streams:
+            timeout = 0.1 if leader_done_at is None else 0.05
+            readable, _, _ = select.select(list(streams), [], [], timeout)
+            for fd in readable:
+                try:
+                    data = os.read(fd, DATA_CHUNK)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    del streams[fd]
+                    continue
+                if not self.channel.gone:
+                    try:
+                        self.channel.send(encode_data(streams[fd], data))
+                    except Disconnected:
+                        pass
+            if leader_done_at is None and self._leader_exited():
+                # the job is over when its leader is: what it left in its group goes too
+                leader_done_at = time.monotonic()
+                self.signal_group(signal.SIGKILL)
+            elif leader_done_at is not None and not readable:
+                if time.monotonic() - leader_done_at > LEFTOVER_DRAIN_SECONDS:
+                    break  # something outside the group keeps the pipes open: stop waiting
+        if leader_done_at is None:
+            self._wait_leader()
+            self.signal_group(signal.SIGKILL)
+        for stream in (self.process.stdout, self.process.stderr):
+            stream.close()
+        with self._group_lock:
+            self._reaped = True
+            returncode = self.process.wait()
+        if returncode < 0:
+            return {"signal": -returncode}
+        return {"code": returncode}
+
+    def _leader_exited(self):
+        """Has the payload's first process ended? Asked without reaping it, so its id stays ours."""
+        try:
+            result = os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return True
+        return result is not None and result.si_pid != 0
+
+    def _wait_leader(self):
+        while True:
+            try:
+                os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOWAIT)
+                return
+            except ChildProcessError:
+                return
+
+
+# -- where host connections come from ------------------------------------------------------------
+
+HOST_POLL_SECONDS = 0.02  # a virtio port cannot block until a host connects: how often to look
+
+
+def serve_device(path, name):
+    """Serve a virtio(-like) character device forever, one host connection after another."""
+    fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    log(name, "serving %s" % path)
+    while True:
+        _wait_for_host(fd)
+        log(name, "host connected")
+        Session(Channel(fd, name)).run()
+        log(name, "host disconnected")
+
+
+def _wait_for_host(fd):
+    """Return once a host is connected to the port; discard what an earlier host left unread.
+
+    A virtio port without a host polls as HUP (and reads as EOF); with one, it polls writable.
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLOUT)
+    while True:
+        events = poller.poll(0)
+        mask = events[0][1] if events else 0
+        if mask & select.POLLOUT and not mask & select.POLLHUP:
+            return
+        try:
+            while os.read(fd, 65536):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        time.sleep(HOST_POLL_SECONDS)
+
+
+def serve_listen(path):
+    """Serve a UNIX socket (mode 0600), one connection at a time, like a virtio port."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        server.bind(path)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    server.listen(1)
+    log(path, "listening")
+    while True:
+        connection, _ = server.accept()
+        connection.setblocking(False)
+        try:
+            Session(Channel(connection.fileno(), path)).run()
+        finally:
+            connection.close()
+
+
+VIRTIO_PORTS = "/sys/class/virtio-ports"
+
+
+def find_ports(patterns, sysfs=VIRTIO_PORTS):
+    """{port name: device path} of the virtio ports whose name matches one of ``patterns``."""
+    found = {}
+    try:
+        entries = os.listdir(sysfs)
+    except OSError:
+        return found
+    for entry in entries:
+        try:
+            with open(os.path.join(sysfs, entry, "name")) as handle:
+                name = handle.read().strip()
+        except OSError:
+            continue
+        if name and any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            found[name] = _device_node(entry, sysfs)
+    return found
+
+
+def _device_node(entry, sysfs):
+    """/dev/vportNpM, created from sysfs's major:minor when no devtmpfs made it."""
+    path = os.path.join("/dev", entry)
+    if not os.path.exists(path):
+        try:
+            with open(os.path.join(sysfs, entry, "dev")) as handle:
+                major, minor = handle.read().strip().split(":")
+            os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(int(major), int(minor)))
+        except (OSError, ValueError) as error:
+            log(entry, "cannot create %s: %s" % (path, error))
+    return path
+
+
+def watch_ports(patterns):
+    """Serve every virtio port matching ``patterns``, including ports that appear later."""
+    log("ports", "waiting for virtio ports named %s" % " or ".join(patterns))
+    served = set()
+    while True:
+        for name, path in sorted(find_ports(patterns).items()):
+            if name not in served:
+                served.add(name)
+                _start(serve_device, path, name)
+        time.sleep(0.5)
+
+
+def _start(target, *args):
+    def guarded():
+        try:
+            target(*args)
+        except Exception as error:  # a port that fails must not take the others down
+            log(args[-1], "stopped: %s: %s" % (type(error).__name__, error))
+
+    thread = threading.Thread(target=guarded, name="serve-%s" % (args[-1],))
+    thread.daemon = True
+    thread.start()
+    return thread
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="agent.py", description="blahvm guest agent")
+    parser.add_argument("--port", action="append", default=[], metavar="NAME",
+                        help="virtio-serial port name or glob (org.blahvm.agent.*); repeatable")
+    parser.add_argument("--device", action="append", default=[], metavar="PATH",
+                        help="character device to serve; repeatable")
+    parser.add_argument("--listen", action="append", default=[], metavar="PATH",
+                        help="UNIX socket to serve (development, tests); repeatable")
+    parser.add_argument("--version", action="version", version="blahvm-agent %s" % AGENT_VERSION)
+    options = parser.parse_args(argv)
+    if not (options.port or options.device or options.listen):
+        parser.error("give at least one --port, --device or --listen")
+    threads = []
+    for path in options.listen:
+        threads.append(_start(serve_listen, path))
+    for path in options.device:
+        threads.append(_start(serve_device, path, path))
+    if options.port:
+        threads.append(_start(watch_ports, options.port))
+    try:
+        while any(thread.is_alive() for thread in threads):
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
