@@ -63,3 +63,7 @@ class StorageError(HypervisorError):
 
 class VolumeExists(StorageError):
     """A clone of that name already exists; delete it first if a fresh one is wanted."""
+
+
+class ImageMissing(HypervisorError):
+    """The golden image is not on this host (another host may have it): retry elsewhere."""
