@@ -220,6 +220,20 @@ def test_backward_or_closing_transitions_are_refused(ledger, old, new):
         ledger.transition("101", old, new)
 
 
+def test_the_database_itself_refuses_a_second_live_entry_per_slot_or_job(ledger):
+    reserve(ledger, "101")
+    db = sqlite3.connect(ledger.path)
+    insert = (
+        "INSERT INTO entries (job_id, slot, state, user, environment, memory, vcpus, created,"
+        " updated, version) VALUES (?, ?, 'reserved', 'x', 'y', 1, 1, 0, 0, 1000)"
+    )
+    for job_id, slot in (("102", 0), ("101", 1)):
+        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+            db.execute(insert, (job_id, slot))
+    db.execute(insert.replace("'reserved'", "'closed'"), ("101", 0))  # history may repeat both
+    db.commit()
+
+
 def test_transition_refuses_unknown_or_malformed_fields(ledger):
     reserve(ledger, "101")
     with pytest.raises(ValueError, match="cannot set memory"):

@@ -99,7 +99,8 @@ def _refuse_if_writable_by_others(path: str, info: os.stat_result) -> None:
 def connect(path: str, busy_timeout: float) -> sqlite3.Connection:
     """An open, migrated ledger in WAL mode; transactions are begun explicitly by the caller."""
     prepare_file(path)
-    db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=True)
+    with translated_errors(path):
+        db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     try:
         with translated_errors(path):
             db.row_factory = sqlite3.Row

@@ -139,9 +139,11 @@ class Ledger:
         """
         expected = _states(expected_states)
         new = State(new_state)
+        if new is State.CLOSED:
+            raise ValueError("a transition cannot close an entry: use close()")
         for old in expected:
             if not may_follow(old, new):
-                raise ValueError(f"an entry cannot move from {old} to {new} (use close() to close)")
+                raise ValueError(f"an entry cannot move from {old} back to {new}")
         updates = _column_updates(fields)
         with self._write() as db:
             entry = _select_one(db, f"WHERE job_id = ? AND {_LIVE}", (job_id,))
@@ -262,10 +264,13 @@ class _WriteTransaction:
 
     def __exit__(self, kind, error, traceback) -> bool:
         with self._errors:
-            if error is None:
-                self._db.execute("COMMIT")
-            elif self._db.in_transaction:
-                self._db.execute("ROLLBACK")
+            try:
+                if error is None:
+                    self._db.execute("COMMIT")
+            finally:
+                # After an error in the body, or a failed COMMIT: leave the connection usable.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
         return self._errors.__exit__(kind, error, traceback)
 
 
