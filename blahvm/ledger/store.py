@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import sqlite3
 import time
-from typing import Callable, Iterable, Iterator, Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
-from blahvm.ledger import database
+from blahvm.ledger import arguments, database, rows
+from blahvm.ledger.arguments import States
 from blahvm.ledger.capacity import check_fits, free_capacity, lowest_free_slot
-from blahvm.ledger.entries import LIVE_STATES, Capacity, Entry, State, Usage, may_follow
+from blahvm.ledger.entries import Capacity, Entry, State, Usage, may_follow
 from blahvm.ledger.processes import process_start_time
 from blahvm.model import HostConfig, Outcome
 from blahvm.quantities import Size
-
-_COLUMNS = (
-    "id, job_id, slot, state, user, vo, environment, memory, vcpus, guest, volumes, run_dir, "
-    "pid, pid_start, steps, timings, outcome, reason, created, updated, closed, version"
-)
-_LIVE = "state != 'closed'"
-# Fields a transition may set, besides the state.
-_SETTABLE = frozenset({"guest", "volumes", "run_dir", "pid"})
-
-States = Union[State, str, Iterable[Union[State, str]]]
 
 
 class Ledger:
@@ -83,20 +72,21 @@ class Ledger:
         the caller decides whether to reuse it or tear it down. Raises ``NoCapacity`` when the host
         has no room for ``memory`` bytes and ``vcpus`` more.
         """
-        _require_text("job_id", job_id)
-        _require_text("user", user)
-        _require_text("environment", environment)
+        arguments.require_text("job_id", job_id)
+        arguments.require_text("user", user)
+        arguments.require_text("environment", environment)
         if vo is not None:
-            _require_text("vo", vo)
-        memory, vcpus = _require_count("memory", memory, Size), _require_count("vcpus", vcpus, int)
-        pid = os.getpid() if pid is None else _require_count("pid", pid, int)
+            arguments.require_text("vo", vo)
+        memory = arguments.require_count("memory", memory, Size)
+        vcpus = arguments.require_count("vcpus", vcpus, int)
+        pid = os.getpid() if pid is None else arguments.require_count("pid", pid, int)
         pid_start = process_start_time(pid)
         with self._write() as db:
-            existing = _select_one(db, f"WHERE job_id = ? AND {_LIVE}", (job_id,))
+            existing = rows.select_one(db, f"WHERE job_id = ? AND {rows.LIVE}", (job_id,))
             if existing is not None:
                 return existing
-            live = db.execute(f"SELECT slot, memory, vcpus FROM entries WHERE {_LIVE}").fetchall()
-            check_fits(self.host, _sum_usage(live), memory, vcpus)
+            live = db.execute(f"SELECT slot, memory, vcpus FROM entries WHERE {rows.LIVE}").fetchall()
+            check_fits(self.host, rows.sum_usage(live), memory, vcpus)
             now = self._clock()
             cursor = db.execute(
                 "INSERT INTO entries (job_id, slot, state, user, vo, environment, memory, vcpus,"
@@ -113,13 +103,13 @@ class Ledger:
                     vcpus,
                     pid,
                     pid_start,
-                    json.dumps([[State.RESERVED.value, now]]),
+                    rows.dump_steps([(State.RESERVED, now)]),
                     now,
                     now,
-                    _next_version(db),
+                    rows.next_version(db),
                 ),
             )
-            return _select_one(db, "WHERE id = ?", (cursor.lastrowid,))
+            return rows.select_one(db, "WHERE id = ?", (cursor.lastrowid,))
 
     def transition(
         self,
@@ -137,25 +127,25 @@ class Ledger:
         Settable fields: ``guest``, ``volumes`` (names), ``run_dir``, and ``pid`` (the new owner;
         its start time is read). Raises ``ValueError`` for a backward move or an unknown field.
         """
-        expected = _states(expected_states)
+        expected = arguments.states(expected_states)
         new = State(new_state)
         if new is State.CLOSED:
             raise ValueError("a transition cannot close an entry: use close()")
         for old in expected:
             if not may_follow(old, new):
                 raise ValueError(f"an entry cannot move from {old} back to {new}")
-        updates = _column_updates(fields)
+        updates = arguments.column_updates(fields)
         with self._write() as db:
-            entry = _select_one(db, f"WHERE job_id = ? AND {_LIVE}", (job_id,))
+            entry = rows.select_one(db, f"WHERE job_id = ? AND {rows.LIVE}", (job_id,))
             if entry is None or entry.state not in expected:
                 return None
             if expected_version is not None and entry.version != expected_version:
                 return None
             now = self._clock()
             steps = list(entry.steps) + ([(new, now)] if new is not entry.state else [])
-            updates.update(state=new.value, steps=_dump_steps(steps), updated=now)
-            _update(db, entry.id, updates)
-            return _select_one(db, "WHERE id = ?", (entry.id,))
+            updates.update(state=new.value, steps=rows.dump_steps(steps), updated=now)
+            rows.update(db, entry.id, updates)
+            return rows.select_one(db, "WHERE id = ?", (entry.id,))
 
     def close(
         self,
@@ -172,21 +162,21 @@ class Ledger:
         """
         outcome = Outcome(outcome)
         with self._write() as db:
-            entry = _select_one(db, f"WHERE job_id = ? AND {_LIVE}", (job_id,))
+            entry = rows.select_one(db, f"WHERE job_id = ? AND {rows.LIVE}", (job_id,))
             if entry is None:
                 return False
             if expected_version is not None and entry.version != expected_version:
                 return False
             now = self._clock()
             steps = list(entry.steps) + [(State.CLOSED, now)]
-            _update(
+            rows.update(
                 db,
                 entry.id,
                 {
                     "state": State.CLOSED.value,
                     "outcome": outcome.value,
                     "reason": reason,
-                    "steps": _dump_steps(steps),
+                    "steps": rows.dump_steps(steps),
                     "updated": now,
                     "closed": now,
                 },
@@ -198,18 +188,15 @@ class Ledger:
 
         Recording a phase again replaces its time. False if the job has no entry at all.
         """
-        _require_text("phase", phase)
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (
-            math.isfinite(seconds) and seconds >= 0
-        ):
-            raise ValueError(f"timing of {phase!r}: {seconds!r} is not a number of seconds >= 0")
+        arguments.require_text("phase", phase)
+        seconds = arguments.require_seconds(phase, seconds)
         with self._write() as db:
-            entry = _select_one(db, "WHERE job_id = ? ORDER BY id DESC LIMIT 1", (job_id,))
+            entry = rows.select_one(db, "WHERE job_id = ? ORDER BY id DESC LIMIT 1", (job_id,))
             if entry is None:
                 return False
             timings = dict(entry.timings)
-            timings[phase] = float(seconds)
-            _update(db, entry.id, {"timings": json.dumps(list(timings.items()))})
+            timings[phase] = seconds
+            rows.update(db, entry.id, {"timings": rows.dump_timings(timings.items())})
             return True
 
     def prune(self, older_than: float) -> int:
@@ -226,24 +213,24 @@ class Ledger:
     def get(self, job_id: str) -> Optional[Entry]:
         """The job's live entry, else its most recently closed one, else None."""
         with self._errors():
-            return _select_one(self._db, "WHERE job_id = ? ORDER BY id DESC LIMIT 1", (job_id,))
+            return rows.select_one(self._db, "WHERE job_id = ? ORDER BY id DESC LIMIT 1", (job_id,))
 
     def live(self) -> Tuple[Entry, ...]:
         """Every entry that holds a slot, by slot number."""
         with self._errors():
-            return _select(self._db, f"WHERE {_LIVE} ORDER BY slot")
+            return rows.select(self._db, f"WHERE {rows.LIVE} ORDER BY slot")
 
     def history(self, limit: int = 100) -> Tuple[Entry, ...]:
         """Closed entries, the most recently closed first."""
         with self._errors():
-            return _select(
+            return rows.select(
                 self._db, "WHERE state = 'closed' ORDER BY closed DESC, id DESC LIMIT ?", (limit,)
             )
 
     def usage(self) -> Usage:
         with self._errors():
-            rows = self._db.execute(f"SELECT memory, vcpus FROM entries WHERE {_LIVE}").fetchall()
-        return _sum_usage(rows)
+            live = self._db.execute(f"SELECT memory, vcpus FROM entries WHERE {rows.LIVE}").fetchall()
+        return rows.sum_usage(live)
 
     def free(self, host: Optional[HostConfig] = None) -> Capacity:
         """What ``host`` (default: this ledger's) still offers beside the live entries."""
@@ -272,114 +259,3 @@ class _WriteTransaction:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
         return self._errors.__exit__(kind, error, traceback)
-
-
-# -- rows and fields ------------------------------------------------------------------------------
-
-
-def _select(db: sqlite3.Connection, where: str, params: tuple = ()) -> Tuple[Entry, ...]:
-    rows = db.execute(f"SELECT {_COLUMNS} FROM entries {where}", params).fetchall()
-    return tuple(_entry(row) for row in rows)
-
-
-def _select_one(db: sqlite3.Connection, where: str, params: tuple = ()) -> Optional[Entry]:
-    found = _select(db, where, params)
-    return found[0] if found else None
-
-
-def _entry(row: sqlite3.Row) -> Entry:
-    return Entry(
-        id=row["id"],
-        job_id=row["job_id"],
-        slot=row["slot"],
-        state=State(row["state"]),
-        user=row["user"],
-        vo=row["vo"],
-        environment=row["environment"],
-        memory=Size(row["memory"]),
-        vcpus=row["vcpus"],
-        guest=row["guest"],
-        volumes=tuple(json.loads(row["volumes"])),
-        run_dir=row["run_dir"],
-        pid=row["pid"],
-        pid_start=row["pid_start"],
-        steps=tuple((State(state), when) for state, when in json.loads(row["steps"])),
-        timings=tuple((phase, seconds) for phase, seconds in json.loads(row["timings"])),
-        outcome=None if row["outcome"] is None else Outcome(row["outcome"]),
-        reason=row["reason"],
-        created=row["created"],
-        updated=row["updated"],
-        closed=row["closed"],
-        version=row["version"],
-    )
-
-
-def _update(db: sqlite3.Connection, entry_id: int, columns: dict) -> None:
-    # Column names come from this module only (_SETTABLE and literals), never from callers' strings.
-    columns = dict(columns, version=_next_version(db))
-    assignments = ", ".join(f"{name} = ?" for name in columns)
-    db.execute(f"UPDATE entries SET {assignments} WHERE id = ?", (*columns.values(), entry_id))
-
-
-def _next_version(db: sqlite3.Connection) -> int:
-    db.execute("UPDATE counters SET value = value + 1 WHERE name = 'version'")
-    return db.execute("SELECT value FROM counters WHERE name = 'version'").fetchone()[0]
-
-
-def _column_updates(fields: dict) -> dict:
-    unknown = set(fields) - _SETTABLE
-    if unknown:
-        raise ValueError(
-            f"transition cannot set {', '.join(sorted(unknown))} "
-            f"(settable: {', '.join(sorted(_SETTABLE))})"
-        )
-    columns = {}
-    for name in ("guest", "run_dir"):
-        if name in fields:
-            value = fields[name]
-            if value is not None:
-                _require_text(name, value)
-            columns[name] = value
-    if "volumes" in fields:
-        volumes = fields["volumes"]
-        if isinstance(volumes, str) or not all(isinstance(v, str) and v for v in volumes):
-            raise ValueError(f"volumes must be a list of volume names, not {volumes!r}")
-        columns["volumes"] = json.dumps(list(volumes))
-    if "pid" in fields:
-        pid = _require_count("pid", fields["pid"], int)
-        columns["pid"] = pid
-        columns["pid_start"] = process_start_time(pid)
-    return columns
-
-
-def _dump_steps(steps: Iterable[Tuple[State, float]]) -> str:
-    return json.dumps([[state.value, when] for state, when in steps])
-
-
-def _states(states: States) -> frozenset:
-    if isinstance(states, (State, str)):
-        states = [states]
-    found = frozenset(State(state) for state in states)
-    if not found <= LIVE_STATES:
-        raise ValueError("a closed entry cannot be moved; reserve the job again instead")
-    return found
-
-
-def _sum_usage(rows: Iterable[sqlite3.Row]) -> Usage:
-    rows = list(rows)
-    return Usage(
-        guests=len(rows),
-        memory=Size(sum(row["memory"] for row in rows)),
-        vcpus=sum(row["vcpus"] for row in rows),
-    )
-
-
-def _require_text(name: str, value: object) -> None:
-    if not isinstance(value, str) or not value or "\0" in value:
-        raise ValueError(f"{name} must be a non-empty string, not {value!r}")
-
-
-def _require_count(name: str, value: object, kind: type):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a whole number >= 0, not {value!r}")
-    return kind(value)
