@@ -21,7 +21,8 @@ class Ledger:
 
     Every write is one ``BEGIN IMMEDIATE`` transaction: SQLite's write lock is the cross-process lock
     that keeps concurrent hooks from over-committing the host. A hook that waits longer than
-    ``busy_timeout`` seconds for it gets ``LedgerBusy``.
+    ``busy_timeout`` seconds for it gets ``LedgerBusy``. Open one ``Ledger`` per process (SQLite
+    connections must not cross a fork); the constructor creates and migrates the file as needed.
     """
 
     def __init__(
