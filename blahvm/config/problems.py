@@ -21,7 +21,8 @@ class Problem:
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
         key = dotted(self.path)
-        return f"{where}: {key}: {self.message}" if key else f"{where}: {self.message}"
+        message = " ".join(self.message.split())  # one line per problem, whatever the parser said
+        return f"{where}: {key}: {message}" if key else f"{where}: {message}"
 
 
 def dotted(path: Path) -> str:
@@ -45,7 +46,9 @@ class Problems:
     def __init__(self, document: Document, filename: str):
         self.document = document
         self.filename = filename
-        self.items: List[Problem] = []
+        self.items: List[Problem] = [
+            Problem(filename, line, path, "given twice; the first one would count") for path, line in document.duplicates
+        ]
 
     def add(self, path: Path, message: str) -> None:
         self.items.append(Problem(self.filename, self.line(path), path, message))
@@ -63,4 +66,4 @@ class Problems:
 
     def raise_if_any(self) -> None:
         if self.items:
-            raise ConfigError(sorted(self.items, key=lambda p: (p.line or 0, dotted(p.path))))
+            raise ConfigError(sorted(self.items, key=lambda p: p.line or 0))  # stable: file order

@@ -8,7 +8,7 @@ from that text, not from YAML 1.1's guesses: ``1:30`` is not the integer 90 to u
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import attrs
 import yaml
@@ -20,6 +20,7 @@ MAX_NODES = 100_000
 MAX_BYTES = 4 * 1024 * 1024
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_PLAIN_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("map", "seq", "str", "int", "float", "bool", "null"))
 
 
 class SourceError(Exception):
@@ -38,6 +39,7 @@ class Document:
     data: Any
     lines: Dict[Path, int]  # 1-based line of each value and mapping key
     texts: Dict[Path, str]  # a plain scalar's text as written
+    duplicates: Tuple[Tuple[Path, int], ...] = ()  # keys given twice (the first one counts)
 
 
 def parse_yaml(text: str) -> Document:
@@ -55,13 +57,14 @@ def parse_yaml(text: str) -> Document:
         raise SourceError(f"not valid YAML: {error}") from None
     builder = _Builder()
     data = builder.build(node, ()) if node is not None else None
-    return Document(data=data, lines=builder.lines, texts=builder.texts)
+    return Document(data=data, lines=builder.lines, texts=builder.texts, duplicates=tuple(builder.duplicates))
 
 
 class _Builder:
     def __init__(self) -> None:
         self.lines: Dict[Path, int] = {}
         self.texts: Dict[Path, str] = {}
+        self.duplicates: List[Tuple[Path, int]] = []
         self.count = 0
         self.constructor = yaml.constructor.SafeConstructor()
 
@@ -70,6 +73,8 @@ class _Builder:
         if self.count > MAX_NODES:
             raise SourceError(f"more than {MAX_NODES} values (aliases expanded); refusing to read it")
         self.lines.setdefault(path, node.start_mark.line + 1)
+        if node.tag not in _PLAIN_TAGS:
+            raise SourceError(f"unsupported tag {node.tag!r}", node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
             return self._mapping(node, path)
         if isinstance(node, yaml.SequenceNode):
@@ -83,11 +88,10 @@ class _Builder:
                 raise SourceError("merge keys (<<) are not supported", key_node.start_mark.line + 1)
             if not isinstance(key_node, yaml.ScalarNode):
                 raise SourceError("a mapping key must be a plain name", key_node.start_mark.line + 1)
-            key = self._scalar(key_node, None)
-            if not isinstance(key, (str, int)) or isinstance(key, bool):
-                key = key_node.value
+            key = key_node.value  # keys are names: taken as written (``yes:`` is "yes", not True)
             if key in result:
-                raise SourceError(f"duplicate key {key!r}", key_node.start_mark.line + 1)
+                self.duplicates.append((path + (key,), key_node.start_mark.line + 1))
+                continue
             self.lines[path + (key,)] = key_node.start_mark.line + 1
             result[key] = self.build(value_node, path + (key,))
         return result
