@@ -152,3 +152,139 @@ def test_this_hosts_paravirtual_kvm_is_not_used():
     assert os.path.exists("/dev/kvm")
     assert not hardware_kvm_usable()
     assert resolve_domain_type("auto") == "qemu"
+
+
+# -- guests: define, start, list, wait, destroy over a bounded connection -------------------------
+
+from blahvm.hypervisor.domain import DiskSpec, GuestMetadata, GuestSpec, build_domain_xml, guest_uuid  # noqa: E402
+from blahvm.hypervisor.errors import SpecError as _SpecError  # noqa: E402,F811
+from blahvm.hypervisor.guests import (  # noqa: E402
+    GuestInfo,
+    define_and_start,
+    destroy_and_undefine,
+    domain_state,
+    list_blahvm_guests,
+    wait_until_stopped,
+)
+from blahvm.hypervisor.naming import guest_name  # noqa: E402
+from blahvm.quantities import Size  # noqa: E402
+
+QEMU_IMG = __import__("shutil").which("qemu-img")
+
+
+def guest_xml(job_id="77.server", directory="/var/lib/blahvm/clones", **changes):
+    name = guest_name(job_id)
+    meta = GuestMetadata(job_id=job_id, user="cms001", environment="slc4", host="node1", created=1, vo="cms")
+    values = dict(
+        name=name,
+        uuid=guest_uuid(name),
+        flavour="kvm",
+        domain_type="qemu",
+        memory=Size.parse("64MiB"),
+        vcpus=1,
+        disks=(DiskSpec(f"{directory}/{name}.qcow2"),),
+        metadata=meta,
+    )
+    values.update(changes)
+    return name, meta, build_domain_xml(GuestSpec(**values))
+
+
+@pytest.fixture
+def test_conn():
+    with open_connection("test:///default", timeout=10) as conn:
+        yield conn
+
+
+def test_guest_lifecycle_on_the_test_driver(test_conn):
+    name, meta, xml = guest_xml()
+    assert define_and_start(test_conn, xml) == name
+    assert define_and_start(test_conn, xml) == name  # re-run: still the one running guest
+    assert domain_state(test_conn, name) == "running"
+    # The test driver's own domain "test" carries no blahvm metadata and is not listed.
+    assert list_blahvm_guests(test_conn) == (GuestInfo(name, meta, "running"),)
+    assert wait_until_stopped(test_conn, name, timeout=0.5, poll=0.1) is False
+    test_conn.raw.lookupByName(name).shutdown()
+    assert wait_until_stopped(test_conn, name, timeout=5) is True
+    assert list_blahvm_guests(test_conn) == (GuestInfo(name, meta, "shutoff"),)
+    assert destroy_and_undefine(test_conn, name) is True
+    assert destroy_and_undefine(test_conn, name) is False  # gone is fine
+    assert domain_state(test_conn, name) is None
+    assert wait_until_stopped(test_conn, name, timeout=1) is True
+    assert list_blahvm_guests(test_conn) == ()
+
+
+def test_guests_with_damaged_metadata_are_not_listed(test_conn):
+    name, _meta, xml = guest_xml()
+    damaged = xml.replace("<blahvm:created>1970-01-01T00:00:01Z</blahvm:created>", "")
+    assert damaged != xml
+    define_and_start(test_conn, damaged)
+    assert domain_state(test_conn, name) == "running"
+    assert list_blahvm_guests(test_conn) == ()
+    destroy_and_undefine(test_conn, name)
+
+
+def test_refused_definitions(test_conn):
+    name, _meta, xml = guest_xml()
+    with pytest.raises(DefinitionRejected):
+        define_and_start(test_conn, xml.replace('<memory unit="KiB">65536</memory>', "<memory>lots</memory>"))
+    with pytest.raises(_SpecError, match="not a safe guest or volume name"):
+        define_and_start(test_conn, xml.replace(f"<name>{name}</name>", "<name>../x</name>"))
+    with pytest.raises(_SpecError, match="does not parse"):
+        define_and_start(test_conn, "<domain")
+    assert domain_state(test_conn, name) is None
+
+
+@pytest.fixture
+def world_readable_dir():
+    """QEMU runs as its own user: its files must be reachable outside root's private tmp."""
+    directory = tempfile.mkdtemp(prefix="blahvm-guest-", dir="/var/tmp")
+    os.chmod(directory, 0o755)
+    yield directory
+    __import__("shutil").rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/run/libvirt/libvirt-sock") or QEMU_IMG is None,
+    reason="needs a running libvirtd (qemu:///system) and qemu-img",
+)
+def test_real_qemu_accepts_the_guest_and_cleans_up(world_readable_dir):
+    """One real QEMU process (firmware only, no OS): XML, serial log, agent socket, lifecycle."""
+    job_id = f"real-{os.getpid()}"
+    name, meta, _ = guest_xml(job_id, world_readable_dir)
+    disk = f"{world_readable_dir}/{name}.qcow2"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", disk, "16M"], check=True)
+    log, sock = f"{world_readable_dir}/console.log", f"{world_readable_dir}/agent.0.sock"
+    _, _, xml = guest_xml(job_id, world_readable_dir, serial_log=log, agent_sockets=(sock,))
+    with open_connection("qemu:///system", timeout=60) as conn:
+        try:
+            started = time.monotonic()
+            define_and_start(conn, xml)
+            print(f"define+start: {time.monotonic() - started:.3f}s")
+            assert domain_state(conn, name) == "running"
+            assert GuestInfo(name, meta, "running") in list_blahvm_guests(conn)
+            assert os.path.exists(log)
+            assert stat_is_socket(sock)  # QEMU listens on the agent channel
+            started = time.monotonic()
+            assert destroy_and_undefine(conn, name) is True
+            print(f"destroy+undefine: {time.monotonic() - started:.3f}s")
+            assert domain_state(conn, name) is None
+        finally:
+            destroy_and_undefine(conn, name)
+
+
+@pytest.mark.skipif(not os.path.exists("/run/libvirt/libvirt-sock"), reason="needs a running libvirtd")
+def test_real_start_failure_leaves_no_definition(world_readable_dir):
+    name, _meta, xml = guest_xml(f"missing-disk-{os.getpid()}", world_readable_dir)  # disk never made
+    with open_connection("qemu:///system", timeout=60) as conn:
+        try:
+            with pytest.raises(LibvirtCallFailed, match=f"start {name} on qemu:///system failed"):
+                define_and_start(conn, xml)
+            assert domain_state(conn, name) is None
+        finally:
+            destroy_and_undefine(conn, name)
+
+
+def stat_is_socket(path):
+    import stat as stat_module
+
+    return os.path.exists(path) and stat_module.S_ISSOCK(os.stat(path).st_mode)
