@@ -158,18 +158,21 @@ class RouteTable:
                     return matcher.__self__
             return None
 
-        best, best_count = None, 0
+        best = None
         for field in sorted(NAME_FIELDS):
-            count = sum(exact_values(r, field) is not None for r in self.routes)
-            if count > best_count:
-                best, best_count = field, count
+            sets = [exact_values(r, field) for r in self.routes]
+            if all(s is None for s in sets):
+                continue
+            others = tuple(i for i, s in enumerate(sets) if s is None)
+            values = set().union(*(s for s in sets if s is not None))
+            buckets = {v: tuple(i for i, s in enumerate(sets) if s is None or v in s) for v in values}
+            # the field whose buckets are smallest on average leaves the fewest routes to look at
+            cost = sum(map(len, buckets.values())) / len(buckets)
+            if best is None or cost < best[0]:
+                best = (cost, field, buckets, others)
         if best is None:
             return None, {}, tuple(range(len(self.routes)))
-        sets = [exact_values(r, best) for r in self.routes]
-        others = tuple(i for i, s in enumerate(sets) if s is None)
-        values = set().union(*(s for s in sets if s is not None))
-        buckets = {v: tuple(i for i, s in enumerate(sets) if s is None or v in s) for v in values}
-        return best, buckets, others
+        return best[1:]
 
     def candidates(self, facts: Facts) -> Sequence[int]:
         if self._index_field is None:
