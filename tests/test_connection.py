@@ -168,6 +168,7 @@ from blahvm.hypervisor.guests import (  # noqa: E402
 )
 from blahvm.hypervisor.naming import guest_name  # noqa: E402
 from blahvm.quantities import Size  # noqa: E402
+from tests.fixtures_image import demo_image, demo_image_dir  # noqa: E402,F401
 
 QEMU_IMG = __import__("shutil").which("qemu-img")
 
@@ -288,3 +289,34 @@ def stat_is_socket(path):
     import stat as stat_module
 
     return os.path.exists(path) and stat_module.S_ISSOCK(os.stat(path).st_mode)
+
+
+@pytest.mark.guest
+@pytest.mark.skipif(not os.path.exists("/run/libvirt/libvirt-sock"), reason="needs a running libvirtd")
+def test_real_guest_power_off_ends_the_domain(world_readable_dir, demo_image):
+    """The demo kernel on a blank disk fails to mount its root and powers off: with ACPI and
+    on_poweroff=destroy the domain then stops by itself, and the serial log holds its last words."""
+    job_id = f"poweroff-{os.getpid()}"
+    name = guest_name(job_id)
+    disk = f"{world_readable_dir}/{name}.qcow2"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", disk, "16M"], check=True)
+    log = f"{world_readable_dir}/console.log"
+    _, _, xml = guest_xml(
+        job_id,
+        world_readable_dir,
+        memory=Size.parse("256MiB"),
+        kernel=demo_image.kernel,
+        initrd=demo_image.initrd,
+        cmdline="console=ttyS0 panic=-1",
+        serial_log=log,
+    )
+    with open_connection("qemu:///system", timeout=60) as conn:
+        try:
+            define_and_start(conn, xml)
+            assert wait_until_stopped(conn, name, timeout=180) is True
+            with open(log, errors="replace") as console:
+                output = console.read()
+            assert "Linux version" in output
+            assert "blahvm-guest:" in output  # the guest's own message, then poweroff
+        finally:
+            destroy_and_undefine(conn, name)
