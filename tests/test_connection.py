@@ -1,9 +1,12 @@
-"""Bounded libvirt calls against real peers: a stuck UNIX socket, test:///default, qemu:///system."""
+"""Bounded libvirt calls against real peers (a stuck UNIX socket, test:///default, qemu:///system),
+and the guest lifecycle built on them."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -13,16 +16,28 @@ import time
 import pytest
 
 from blahvm.hypervisor.connection import Connection, bounded, open_connection
+from blahvm.hypervisor.domain import DiskSpec, GuestMetadata, GuestSpec, build_domain_xml, guest_uuid
 from blahvm.hypervisor.errors import (
     DefinitionRejected,
     HypervisorTimeout,
     HypervisorUnavailable,
     LibvirtCallFailed,
     NotFound,
+    SpecError,
+)
+from blahvm.hypervisor.guests import (
+    GuestInfo,
+    define_and_start,
+    destroy_and_undefine,
+    domain_state,
+    list_blahvm_guests,
+    wait_until_stopped,
 )
 from blahvm.hypervisor.kvm import hardware_kvm_usable, resolve_domain_type
-from blahvm.hypervisor.errors import SpecError
+from blahvm.hypervisor.naming import guest_name
 from blahvm.model import Outcome
+from blahvm.quantities import Size
+from tests.fixtures_image import demo_image, demo_image_dir  # noqa: F401  (pytest fixtures)
 
 
 @pytest.fixture
@@ -156,21 +171,7 @@ def test_this_hosts_paravirtual_kvm_is_not_used():
 
 # -- guests: define, start, list, wait, destroy over a bounded connection -------------------------
 
-from blahvm.hypervisor.domain import DiskSpec, GuestMetadata, GuestSpec, build_domain_xml, guest_uuid  # noqa: E402
-from blahvm.hypervisor.errors import SpecError as _SpecError  # noqa: E402,F811
-from blahvm.hypervisor.guests import (  # noqa: E402
-    GuestInfo,
-    define_and_start,
-    destroy_and_undefine,
-    domain_state,
-    list_blahvm_guests,
-    wait_until_stopped,
-)
-from blahvm.hypervisor.naming import guest_name  # noqa: E402
-from blahvm.quantities import Size  # noqa: E402
-from tests.fixtures_image import demo_image, demo_image_dir  # noqa: E402,F401
-
-QEMU_IMG = __import__("shutil").which("qemu-img")
+QEMU_IMG = shutil.which("qemu-img")
 
 
 def guest_xml(job_id="77.server", directory="/var/lib/blahvm/clones", **changes):
@@ -228,9 +229,9 @@ def test_refused_definitions(test_conn):
     name, _meta, xml = guest_xml()
     with pytest.raises(DefinitionRejected):
         define_and_start(test_conn, xml.replace('<memory unit="KiB">65536</memory>', "<memory>lots</memory>"))
-    with pytest.raises(_SpecError, match="not a safe guest or volume name"):
+    with pytest.raises(SpecError, match="not a safe guest or volume name"):
         define_and_start(test_conn, xml.replace(f"<name>{name}</name>", "<name>../x</name>"))
-    with pytest.raises(_SpecError, match="does not parse"):
+    with pytest.raises(SpecError, match="does not parse"):
         define_and_start(test_conn, "<domain")
     assert domain_state(test_conn, name) is None
 
@@ -241,7 +242,7 @@ def world_readable_dir():
     directory = tempfile.mkdtemp(prefix="blahvm-guest-", dir="/var/tmp")
     os.chmod(directory, 0o755)
     yield directory
-    __import__("shutil").rmtree(directory, ignore_errors=True)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.mark.skipif(
@@ -286,9 +287,7 @@ def test_real_start_failure_leaves_no_definition(world_readable_dir):
 
 
 def stat_is_socket(path):
-    import stat as stat_module
-
-    return os.path.exists(path) and stat_module.S_ISSOCK(os.stat(path).st_mode)
+    return os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode)
 
 
 @pytest.mark.guest

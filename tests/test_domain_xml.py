@@ -246,3 +246,16 @@ def test_any_user_text_gives_valid_xml_roundtrip_and_safe_name(schema, job_id, u
         xml = build_domain_xml(spec(name=guest, flavour=flavour, metadata=meta))
         assert_schema_valid(schema, xml)
         assert read_metadata(xml) == meta
+
+
+def test_building_xml_does_not_load_libvirt():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import blahvm.hypervisor.domain, blahvm.hypervisor.images, blahvm.hypervisor.kvm\n"
+        "import blahvm.hypervisor.storage, blahvm.hypervisor.guests\n"
+        "assert 'libvirt' not in sys.modules, 'libvirt was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
