@@ -10,9 +10,11 @@ import hashlib
 import os
 import pwd
 import shutil
+import signal
 import stat
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -316,6 +318,48 @@ def test_initramfs_modules_come_in_dependency_order(demo_image, tmp_path):  # no
         assert info["name"] == name
         for dep in filter(None, info.get("depends", "").split(",")):
             assert order.index(dep) < order.index(name)
+
+
+def _seeded_dest(tmp_path, demo_image):  # noqa: F811
+    """A fresh image directory whose package cache is copied from the built image's (no download)."""
+    dest = tmp_path / "images"
+    shutil.copytree(os.path.join(os.path.dirname(demo_image.directory), "debs"), dest / "debs")
+    return str(dest)
+
+
+_BUILD = "import sys; from blahvm.image import build_demo_image; build_demo_image(sys.argv[1], progress=print)"
+
+
+def _start_build(dest):
+    return subprocess.Popen(
+        [sys.executable, "-u", "-c", _BUILD, dest], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_a_build_killed_midway_leaves_no_image_and_the_next_build_cleans_up(demo_image, tmp_path):  # noqa: F811
+    dest = _seeded_dest(tmp_path, demo_image)
+    build = _start_build(dest)
+    for line in build.stdout:
+        if "ext4 root disk" in line:  # the scratch tree is complete, the image is not
+            build.kill()
+            break
+    build.wait(timeout=60)
+    assert build.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(dest, demo_image.key))
+    assert [name for name in os.listdir(dest) if name.startswith(".build-")]
+    image = demo.build_demo_image(dest)
+    assert not image.reused and image.key == demo_image.key
+    assert not [name for name in os.listdir(dest) if name.startswith(".build-")]
+
+
+def test_concurrent_builds_make_one_image(demo_image, tmp_path):  # noqa: F811
+    dest = _seeded_dest(tmp_path, demo_image)
+    builds = [_start_build(dest) for _ in range(2)]
+    outputs = [build.communicate(timeout=600)[0] for build in builds]
+    assert [build.returncode for build in builds] == [0, 0], outputs
+    assert sum("demo image: built" in output for output in outputs) == 1
+    assert sum("reusing" in output for output in outputs) == 1
+    assert sorted(name for name in os.listdir(dest) if not name.startswith(".")) == sorted(["debs", demo_image.key])
 
 
 # -- the command line ----------------------------------------------------------------------------------
