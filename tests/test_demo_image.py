@@ -1,5 +1,8 @@
 """The demo golden image: its pieces (cpio, kernel modules, apt parsing, init scripts), the cached
-build, what is inside the root disk, and one real boot under libvirt/QEMU."""
+build, what is inside the root disk, and one real boot under libvirt/QEMU.
+
+The ``demo_image`` session fixture comes from tests/fixtures_image.py through tests/conftest.py.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +32,6 @@ from blahvm.cli import image as image_cli
 from blahvm.image import cpio, debs, demo, guest_init, kmod
 from blahvm.image.errors import ImageBuildError
 from blahvm.model import Environment
-from tests.fixtures_image import demo_image, demo_image_dir  # noqa: F401  (fixtures)
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 
@@ -222,7 +224,7 @@ def _qcow2_backing_offset(path):
     return struct.unpack(">Q", header[8:16])[0]
 
 
-def test_build_is_cached_and_reused(demo_image):  # noqa: F811
+def test_build_is_cached_and_reused(demo_image):
     golden = os.stat(demo_image.image)
     lines = []
     again = demo.build_demo_image(os.path.dirname(demo_image.directory), progress=lines.append)
@@ -233,7 +235,7 @@ def test_build_is_cached_and_reused(demo_image):  # noqa: F811
     assert (after.st_ino, after.st_mtime_ns) == (golden.st_ino, golden.st_mtime_ns)
 
 
-def test_golden_is_standalone_read_only_and_matches_its_checksum(demo_image):  # noqa: F811
+def test_golden_is_standalone_read_only_and_matches_its_checksum(demo_image):
     assert _qcow2_backing_offset(demo_image.image) == 0
     assert debs.sha256_of(demo_image.image) == demo_image.sha256
     for path in (demo_image.image, demo_image.kernel, demo_image.initrd):
@@ -243,7 +245,14 @@ def test_golden_is_standalone_read_only_and_matches_its_checksum(demo_image):  #
     assert not [name for name in os.listdir(os.path.dirname(demo_image.directory)) if name.startswith(".build-")]
 
 
-def test_image_carries_the_current_agent(demo_image):  # noqa: F811
+def test_golden_passes_the_hypervisor_image_check(demo_image, tmp_path):
+    from blahvm.hypervisor.images import verify_image
+
+    info = verify_image("demo", demo_image.image, demo_image.sha256, str(tmp_path))
+    assert info.format == "qcow2" and info.virtual_size >= demo.MIN_DISK
+
+
+def test_image_carries_the_current_agent(demo_image):
     agent = demo._read_agent()
     expected = hashlib.sha256(agent).hexdigest() if agent is not None else None
     assert demo_image.agent_sha256 == expected
@@ -262,7 +271,7 @@ def test_an_incomplete_image_directory_is_not_an_image(tmp_path):
     assert demo._load(str(tmp_path)) is None  # no manifest: the build did not finish
 
 
-def test_environment_entry(demo_image):  # noqa: F811
+def test_environment_entry(demo_image):
     entry = yaml.safe_load(demo_image.environment_yaml("demo-x"))
     assert entry == {
         "demo-x": {
@@ -296,7 +305,7 @@ def _read_from_golden(golden, path, into):
         return stream.read()
 
 
-def test_root_disk_holds_init_python_and_agent(demo_image, tmp_path):  # noqa: F811
+def test_root_disk_holds_init_python_and_agent(demo_image, tmp_path):
     init = _read_from_golden(demo_image.image, "/sbin/init", str(tmp_path)).decode()
     assert guest_init.READY_LINE in init and "poweroff -f" in init
     assert f"--port {guest_init.AGENT_PORT}" in init
@@ -306,7 +315,7 @@ def test_root_disk_holds_init_python_and_agent(demo_image, tmp_path):  # noqa: F
         assert _read_from_golden(demo_image.image, guest_init.AGENT_PATH, str(tmp_path)) == agent
 
 
-def test_initramfs_modules_come_in_dependency_order(demo_image, tmp_path):  # noqa: F811
+def test_initramfs_modules_come_in_dependency_order(demo_image, tmp_path):
     with open(demo_image.initrd, "rb") as stream:
         archive = gzip.decompress(stream.read())
     subprocess.run([BUSYBOX, "cpio", "-i", "-d"], input=archive, cwd=tmp_path, check=True, capture_output=True)
@@ -320,7 +329,7 @@ def test_initramfs_modules_come_in_dependency_order(demo_image, tmp_path):  # no
             assert order.index(dep) < order.index(name)
 
 
-def _seeded_dest(tmp_path, demo_image):  # noqa: F811
+def _seeded_dest(tmp_path, demo_image):
     """A fresh image directory whose package cache is copied from the built image's (no download)."""
     dest = tmp_path / "images"
     shutil.copytree(os.path.join(os.path.dirname(demo_image.directory), "debs"), dest / "debs")
@@ -336,7 +345,7 @@ def _start_build(dest):
     )
 
 
-def test_a_build_killed_midway_leaves_no_image_and_the_next_build_cleans_up(demo_image, tmp_path):  # noqa: F811
+def test_a_build_killed_midway_leaves_no_image_and_the_next_build_cleans_up(demo_image, tmp_path):
     dest = _seeded_dest(tmp_path, demo_image)
     build = _start_build(dest)
     for line in build.stdout:
@@ -352,7 +361,7 @@ def test_a_build_killed_midway_leaves_no_image_and_the_next_build_cleans_up(demo
     assert not [name for name in os.listdir(dest) if name.startswith(".build-")]
 
 
-def test_concurrent_builds_make_one_image(demo_image, tmp_path):  # noqa: F811
+def test_concurrent_builds_make_one_image(demo_image, tmp_path):
     dest = _seeded_dest(tmp_path, demo_image)
     builds = [_start_build(dest) for _ in range(2)]
     outputs = [build.communicate(timeout=600)[0] for build in builds]
@@ -365,7 +374,7 @@ def test_concurrent_builds_make_one_image(demo_image, tmp_path):  # noqa: F811
 # -- the command line ----------------------------------------------------------------------------------
 
 
-def test_cli_build_demo_prints_the_environment_entry_last(demo_image, capsys):  # noqa: F811
+def test_cli_build_demo_prints_the_environment_entry_last(demo_image, capsys):
     parser = argparse.ArgumentParser(prog="blahvm")
     image_cli.add_parser(parser.add_subparsers())
     args = parser.parse_args(["image", "build-demo", "--dest", os.path.dirname(demo_image.directory)])
@@ -450,7 +459,7 @@ def _wait_for_line(path, line, domain, timeout):
 
 
 @pytest.mark.guest
-def test_demo_guest_boots_to_init_and_agent_hello(demo_image):  # noqa: F811
+def test_demo_guest_boots_to_init_and_agent_hello(demo_image):
     libvirt = pytest.importorskip("libvirt")
     from blahvm.services import ensure_libvirt
 
