@@ -271,6 +271,42 @@ def test_an_incomplete_image_directory_is_not_an_image(tmp_path):
     assert demo._load(str(tmp_path)) is None  # no manifest: the build did not finish
 
 
+def _as_nobody(function):
+    """``function()``'s result (a string), computed in a child process running as nobody."""
+    nobody = pwd.getpwnam("nobody")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            os.write(write_end, function().encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as stream:
+        result = stream.read().decode()
+    assert os.waitpid(pid, 0)[1] == 0, "the child running as nobody failed"
+    return result
+
+
+def test_any_user_reuses_the_cache_but_only_root_builds(demo_image, tmp_path):
+    assert _as_nobody(lambda: demo.build_demo_image(os.path.dirname(demo_image.directory)).sha256) == demo_image.sha256
+
+    def build_elsewhere():
+        try:
+            demo.build_demo_image(str(tmp_path / "empty"))
+        except ImageBuildError as error:
+            return str(error)
+        return "built"
+
+    assert _as_nobody(build_elsewhere) == f"no demo image in {tmp_path / 'empty'} yet, and building one needs root"
+
+
 def test_environment_entry(demo_image):
     entry = yaml.safe_load(demo_image.environment_yaml("demo-x"))
     assert entry == {

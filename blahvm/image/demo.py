@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Callable, Iterator, List, Optional
@@ -119,6 +120,8 @@ def _read_agent() -> Optional[bytes]:
             return stream.read()
     except FileNotFoundError:
         return None
+    except OSError as error:
+        raise ImageBuildError(f"cannot read the guest agent {agent_path()}: {error.strerror}") from None
 
 
 def image_key(agent: Optional[bytes]) -> str:
@@ -134,8 +137,6 @@ def image_key(agent: Optional[bytes]) -> str:
 
 def print_progress(line: str) -> None:
     """A ``progress`` callable that writes each line to stderr."""
-    import sys
-
     print(line, file=sys.stderr, flush=True)
 
 
@@ -149,10 +150,20 @@ def build_demo_image(dest: Optional[str] = None, progress: Optional[Progress] = 
     if cached is not None:
         report(f"demo image: reusing {cached.directory}")
         return cached
+    if os.geteuid() != 0:
+        # chroot runs the guest's python, and the guest's files must be owned by root
+        raise ImageBuildError(f"no demo image in {dest} yet, and building one needs root")
     try:
         os.makedirs(dest, mode=0o755, exist_ok=True)
     except OSError as error:
         raise ImageBuildError(f"cannot create the image directory {dest}: {error.strerror}") from None
+    try:
+        return _build_locked(dest, key, agent, report)
+    except OSError as error:  # a full disk, a read-only directory: one line, not a traceback
+        raise ImageBuildError(f"building the demo image in {dest} failed: {error}") from None
+
+
+def _build_locked(dest: str, key: str, agent: Optional[bytes], report: Progress) -> DemoImage:
     with _locked(os.path.join(dest, ".lock"), report):
         cached = _load(os.path.join(dest, key))  # another builder may have finished meanwhile
         if cached is not None:
@@ -185,17 +196,20 @@ def _load(directory: str) -> Optional[DemoImage]:
     paths = {name: os.path.join(directory, name) for name in (GOLDEN, KERNEL, INITRD)}
     if not all(os.path.isfile(path) for path in paths.values()):
         return None
-    return DemoImage(
-        directory=directory,
-        image=paths[GOLDEN],
-        sha256=manifest["sha256"],
-        kernel=paths[KERNEL],
-        initrd=paths[INITRD],
-        cmdline=manifest["cmdline"],
-        key=manifest["key"],
-        agent_sha256=manifest["agent_sha256"],
-        reused=True,
-    )
+    try:
+        return DemoImage(
+            directory=directory,
+            image=paths[GOLDEN],
+            sha256=manifest["sha256"],
+            kernel=paths[KERNEL],
+            initrd=paths[INITRD],
+            cmdline=manifest["cmdline"],
+            key=manifest["key"],
+            agent_sha256=manifest["agent_sha256"],
+            reused=True,
+        )
+    except (KeyError, TypeError):  # not a manifest this builder wrote
+        return None
 
 
 @contextlib.contextmanager
@@ -256,15 +270,12 @@ class _Build:
             self._initramfs(modules, boot_order)
         with self.step("root filesystem tree"):
             self._root_tree(modules, guest_order)
-        if os.geteuid() == 0:
-            with self.step("checking and byte-compiling the guest's python"):
-                rootfs.check_python(self.root, PYTHON, AGENT_IMPORTS)
-                sources = ["/usr/lib/python3.11"] + (["/usr/lib/blahvm"] if self.agent is not None else [])
-                rootfs.precompile(self.root, PYTHON, sources)
-                if self.agent is not None:  # proves the agent starts with the guest's python
-                    rootfs.in_chroot(self.root, ["/usr/bin/python3", guest_init.AGENT_PATH, "--version"])
-        else:
-            self.step.report("demo image: not root: skipping the python check and byte-compiling (no chroot)")
+        with self.step("checking and byte-compiling the guest's python"):
+            rootfs.check_python(self.root, PYTHON, AGENT_IMPORTS)
+            sources = ["/usr/lib/python3.11"] + (["/usr/lib/blahvm"] if self.agent is not None else [])
+            rootfs.precompile(self.root, PYTHON, sources)
+            if self.agent is not None:  # proves the agent starts with the guest's python
+                rootfs.in_chroot(self.root, ["/usr/bin/python3", guest_init.AGENT_PATH, "--version"])
         with self.step("ext4 root disk and qcow2 golden image"):
             size = max(MIN_DISK, _round_up(2 * rootfs.tree_size(self.root) + 64 * 1024**2, 1024**2))
             raw = os.path.join(self.work, "root.raw")
