@@ -19,7 +19,14 @@ from hypothesis import strategies as st
 
 from blahvm.guest import agent
 from blahvm.guest.client import AgentError, AgentTimeout, acquire_port, run_payload, wait_ready
-from blahvm.guest.protocol import CONTROL, FrameDecoder, agent_socket_path
+from blahvm.guest.protocol import (
+    CONTROL,
+    FrameDecoder,
+    agent_socket_path,
+    encode_control,
+    exec_request,
+    open_frame,
+)
 
 GUEST_PYTHON = shutil.which("python3", path="/usr/bin:/bin")
 CLIENT_SCRIPT = (
@@ -28,6 +35,7 @@ CLIENT_SCRIPT = (
     "sys.exit(run_payload(sys.argv[1], sys.argv[2:], ready_timeout=60))\n"
 )
 SOCKETS = 2
+NONCE = "0123456789abcdef" * 2
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +299,7 @@ def test_a_peer_speaking_garbage_is_an_agent_error(tmp_path):
 
 
 def _converse_raw(sock, data):
-    """Connect, take the hello, send ``data``, hang up our side; what the agent sent."""
+    """Connect, send ``data``, hang up our side; all the agent sent back."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
         raw.settimeout(60)
         raw.connect(sock)
@@ -308,19 +316,49 @@ def _converse_raw(sock, data):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(garbage=st.binary(min_size=1, max_size=300))
 def test_malformed_frames_do_not_crash_the_agent(sock, garbage):
-    frames = FrameDecoder().feed(_converse_raw(sock, garbage))
+    frames = FrameDecoder().feed(_converse_raw(sock, open_frame(NONCE) + garbage))
     assert frames[0][0] == CONTROL and frames[0][1]["type"] == "hello"
+    assert frames[0][1]["nonce"] == NONCE
     assert all(kind == CONTROL and message["type"] == "error" for kind, message in frames[1:])
     assert wait_ready(sock, timeout=60).protocol == 1
 
 
-def test_a_request_of_an_earlier_connection_is_ignored(sock):
-    from blahvm.guest.protocol import encode_control, exec_request
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(garbage=st.binary(max_size=300))
+def test_bytes_before_an_open_are_skipped(sock, garbage):
+    frames = FrameDecoder().feed(_converse_raw(sock, garbage + open_frame(NONCE)))
+    assert [(kind, message["type"], message["nonce"]) for kind, message in frames] == [(CONTROL, "hello", NONCE)]
 
-    stale = encode_control(exec_request("not-this-session", ["touch", "/tmp/blahvm-stale-exec"]))
-    frames = FrameDecoder().feed(_converse_raw(sock, stale))
+
+def test_a_request_of_an_earlier_session_is_ignored(sock, tmp_path):
+    marker = tmp_path / "stale-exec-ran"
+    stale = encode_control(exec_request("not-this-session", ["touch", str(marker)]))
+    frames = FrameDecoder().feed(_converse_raw(sock, open_frame(NONCE) + stale))
     assert [message["type"] for _, message in frames] == ["hello"]
-    assert not os.path.exists("/tmp/blahvm-stale-exec")
+    assert not marker.exists()
+
+
+def test_an_open_ends_what_the_previous_host_left_running(sock):
+    """A virtio port may not show a host leaving if the next connects at once: the open says it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+        raw.settimeout(60)
+        raw.connect(sock)
+        raw.sendall(open_frame(NONCE))
+        decoder, frames = FrameDecoder(), []
+
+        def next_control():
+            while not frames:
+                frames.extend(f for f in decoder.feed(raw.recv(65536)) if f[0] == CONTROL)
+            return frames.pop(0)[1]
+
+        hello = next_control()
+        raw.sendall(encode_control(exec_request(hello["session"], ["sleep", "1000"])))
+        started = next_control()
+        assert started["type"] == "started" and live_members(started["pid"])
+        second = "1" * 32
+        raw.sendall(open_frame(second))
+        assert next_control()["nonce"] == second  # no exit of the first payload comes to the new host
+        assert wait_until(lambda: not live_members(started["pid"]))
 
 
 # -- several tasks at once, and who runs them ----------------------------------------------------

@@ -228,3 +228,13 @@ def test_agent_imports_only_the_standard_library():
 )
 def test_agent_avoids_apis_newer_than_python_3_6(newer):
     assert newer not in AGENT_SOURCE
+
+
+def test_open_frames_have_one_shape():
+    first, second = protocol.open_frame("a" * 32), protocol.open_frame("b" * 32)
+    assert len(first) == len(second) == agent.OPEN_SIZE
+    assert first.startswith(agent.OPEN_PREFIX) and second.startswith(agent.OPEN_PREFIX)
+    assert FrameDecoder().feed(first) == [(CONTROL, {"type": "open", "protocol": 1, "nonce": "a" * 32})]
+    for bad in ("a" * 31, "A" * 32, "g" * 32):
+        with pytest.raises(ValueError):
+            protocol.open_frame(bad)

@@ -143,6 +143,11 @@ class FrameDecoder(object):
         """Bytes of an incomplete frame held back."""
         return len(self._buffer)
 
+    @property
+    def unparsed(self):
+        """What is held back: after a ProtocolError, the input from the bad frame on."""
+        return bytes(self._buffer)
+
 
 # -- byte channels -----------------------------------------------------------------------------
 
@@ -193,19 +198,13 @@ class Channel(object):
     def __init__(self, fd, name):
         self.fd = fd
         self.name = name
-        self._send_lock = threading.Lock()
-        self.gone = False
+        self.send_lock = threading.Lock()
 
-    def send(self, frame):
-        """Send whole frames; frames from different threads never interleave."""
-        if self.gone:
-            raise Disconnected()
-        with self._send_lock:
-            try:
+    def send(self, frame, unless=None):
+        """Send whole frames (never interleaved between threads), unless ``unless()`` says not to."""
+        with self.send_lock:
+            if unless is None or not unless():
                 write_all(self.fd, frame)
-            except Disconnected:
-                self.gone = True
-                raise
 
     def recv(self, size=256 * 1024):
         """Bytes from the host, or b'' once it has disconnected."""
@@ -328,57 +327,105 @@ def _switch_identity(request):
     return preexec
 
 
-# -- one host connection -----------------------------------------------------------------------
+# -- sessions on a port ----------------------------------------------------------------------------
+# A virtio port cannot always tell the agent that its host left: if a new host connects before the
+# agent looks, the port just stays connected. So sessions are opened in-band: every host starts with
+# an open frame of fixed shape carrying its own nonce, which the hello echoes (so a host never takes
+# the answer to an earlier host's open for its own), and an open also ends what the previous host
+# left running.
 
+NONCE_LENGTH = 32
+
+
+def open_frame(nonce):
+    """The frame a host starts every connection with; ``nonce`` is 32 lowercase hex digits."""
+    if len(nonce) != NONCE_LENGTH or not all(c in "0123456789abcdef" for c in nonce):
+        raise ValueError("an open nonce is %d lowercase hex digits" % NONCE_LENGTH)
+    return encode_control({"type": "open", "protocol": PROTOCOL_VERSION, "nonce": nonce})
+
+
+OPEN_PREFIX = open_frame("0" * NONCE_LENGTH)[: -NONCE_LENGTH - 2]
+OPEN_SIZE = len(open_frame("0" * NONCE_LENGTH))
 LEFTOVER_DRAIN_SECONDS = 2.0  # how long output is still relayed from a finished job's escapees
 
 
-class Session(object):
-    """Serve one host connection: hello, one exec, its streams and exit status.
+class Port(object):
+    """Serve one connected channel: sessions opened by the host, at most one payload each.
 
-    Threads: the caller's thread relays the payload's output and reports its exit; a reader
-    thread takes the host's frames (stdin, signals, disconnect); a writer feeds the payload's
-    stdin so a payload that does not read it never stalls the reader.
+    Outside a session the input is only searched for an open frame (stale or garbled bytes are
+    skipped); inside one it is read as frames. This thread never blocks on anything but the
+    channel, so signals and the host's departure are always seen.
     """
 
     def __init__(self, channel):
         self.channel = channel
         self.where = channel.name
-        self.token = uuid.uuid4().hex
         self.decoder = FrameDecoder()
-        self.pending = []  # frames read but not yet handled
-        self.process = None
-        self._group_lock = threading.Lock()
-        self._reaped = False
-        self._stdin_queue = queue.Queue()
-        self._credit_lock = threading.Lock()
-        self._stdin_credit = STDIN_WINDOW  # bounds what the host can make us buffer
-        self._host_gone = threading.Event()
+        self.scanned = b""  # the tail of the input that may begin an open frame
+        self.token = None  # the open session, if any
+        self.run = None  # its payload, once exec'd
 
-    # host side input
-
-    def _next_frame(self):
-        while not self.pending:
-            data = self.channel.recv()
-            if not data:
-                raise Disconnected()
-            self.pending.extend(self.decoder.feed(data))
-        return self.pending.pop(0)
-
-    def _send_control(self, message):
-        self.channel.send(encode_control(message))
-
-    def _send_error(self, text):
-        log(self.where, "error: %s" % text)
+    def serve(self):
+        """Until the host disconnects; its payload, if any, is then killed."""
         try:
-            self._send_control({"type": "error", "message": text})
+            while True:
+                data = self.channel.recv()
+                if not data:
+                    break
+                self._receive(data)
         except Disconnected:
             pass
+        finally:
+            self._end_session("host disconnected")
 
-    def run(self):
-        """Serve until the host disconnects."""
-        try:
-            self._send_control(
+    def _receive(self, data):
+        while data:
+            if self.token is None:
+                data = self._scan_for_open(data)
+                continue
+            try:
+                frames = self.decoder.feed(data)
+            except ProtocolError as error:
+                data = self.decoder.unparsed[1:]
+                self._protocol_error(error)
+                continue
+            data = b""
+            for kind, payload in frames:
+                if self.token is None:
+                    break  # the session ended on a frame of this batch
+                try:
+                    self._dispatch(kind, payload)
+                except ProtocolError as error:
+                    self._protocol_error(error)
+
+    def _scan_for_open(self, data):
+        """The input after an open frame, having opened the session; b'' if there is none yet."""
+        buffer = self.scanned + data
+        while True:
+            at = buffer.find(OPEN_PREFIX)
+            if at < 0:
+                self.scanned = buffer[-(len(OPEN_PREFIX) - 1) :]
+                return b""
+            if len(buffer) - at < OPEN_SIZE:
+                self.scanned = buffer[at:]
+                return b""
+            try:
+                ((_, message),) = FrameDecoder().feed(buffer[at : at + OPEN_SIZE])
+                nonce = message["nonce"]
+                open_frame(nonce)
+            except (ProtocolError, ValueError, KeyError, TypeError):
+                buffer = buffer[at + 1 :]  # not a real open after all: look further
+                continue
+            self.scanned = b""
+            self.decoder = FrameDecoder()
+            self._open(nonce)
+            return buffer[at + OPEN_SIZE :]
+
+    def _open(self, nonce):
+        self._end_session("a new host opened the port")
+        self.token = uuid.uuid4().hex
+        self.channel.send(
+            encode_control(
                 {
                     "type": "hello",
                     "protocol": PROTOCOL_VERSION,
@@ -386,48 +433,96 @@ class Session(object):
                     "hostname": socket.gethostname(),
                     "port": self.where,
                     "session": self.token,
+                    "nonce": nonce,
                 }
             )
-            request = self._wait_exec()
-            if request is not None:
-                self._execute(request)
-            self._drain_until_disconnect()
+        )
+
+    def _end_session(self, reason):
+        if self.run is not None:
+            self.run.detach(reason)
+        self.run = None
+        self.token = None
+
+    def _protocol_error(self, error):
+        text = "protocol error: %s" % error
+        log(self.where, text)
+        if self.run is not None:
+            self.run.detach("the host's stream is corrupt")
+            self.run = None
+        try:
+            self.channel.send(encode_control({"type": "error", "message": text}))
         except Disconnected:
             pass
-        except ProtocolError as error:
-            self._send_error("protocol error: %s" % error)
-            self._drain_until_disconnect()
+        self.token = None
 
-    def _wait_exec(self):
-        """The host's exec request for this session; stale frames of an earlier host are skipped."""
-        while True:
-            kind, payload = self._next_frame()
-            if kind != CONTROL:
-                continue
-            if payload.get("session") != self.token:
-                log(self.where, "ignoring a %r message of an earlier connection" % payload["type"])
-                continue
-            if payload["type"] != "exec":
-                raise ProtocolError("expected an exec request, got %r" % payload["type"])
-            try:
-                return ExecRequest(payload)
-            except RequestError as error:
-                self._send_error("bad exec request: %s" % error)
-                return None
-
-    def _drain_until_disconnect(self):
-        """Nothing more to do on this connection: discard input until the host leaves."""
-        if self._host_gone.is_set():
+    def _dispatch(self, kind, payload):
+        if kind == STDIN:
+            if self.run is not None:
+                self.run.take_stdin(payload)
             return
+        if kind != CONTROL:
+            raise ProtocolError("the host sent a %s frame" % KIND_NAMES[kind])
+        what = payload["type"]
+        if what == "open":
+            # a new host: the previous one left without the port showing it
+            self._open(payload.get("nonce") if isinstance(payload.get("nonce"), str) else "")
+        elif what == "exec":
+            if payload.get("session") != self.token:
+                log(self.where, "ignoring an exec request of an earlier session")
+            elif self.run is not None:
+                raise ProtocolError("one exec per session")
+            else:
+                self._exec(payload)
+        elif what == "signal":
+            signum = payload.get("signal")
+            if self.run is not None and isinstance(signum, int) and not isinstance(signum, bool):
+                if 0 < signum < 65:
+                    log(self.where, "forwarding signal %d" % signum)
+                    self.run.signal_group(signum)
+        else:
+            log(self.where, "ignoring a %r message" % what)
+
+    def _exec(self, message):
         try:
-            while self.channel.recv():
-                pass
-        except OSError:
+            request = ExecRequest(message)
+        except RequestError as error:
+            text = "bad exec request: %s" % error
+            log(self.where, text)
+            self.channel.send(encode_control({"type": "error", "message": text}))
+            return
+        self.run = Run(self.channel, request)
+        self.run.start()
+
+
+class Run(object):
+    """One payload: its process group, stdin feed, and output relay.
+
+    Its own threads relay output and feed stdin. Once detached (its host is gone) it sends
+    nothing more on the channel, so nothing of it can reach the next host.
+    """
+
+    def __init__(self, channel, request):
+        self.channel = channel
+        self.where = channel.name
+        self.request = request
+        self.process = None
+        self.detached = False
+        self._group_lock = threading.Lock()
+        self._reaped = False
+        self._stdin_queue = queue.Queue()
+        self._credit_lock = threading.Lock()
+        self._stdin_credit = STDIN_WINDOW  # bounds what the host can make us buffer
+
+    def _send(self, frame):
+        """Send unless detached; a host gone is not our error to raise."""
+        try:
+            self.channel.send(frame, unless=lambda: self.detached)
+        except Disconnected:
             pass
 
-    # the payload
-
-    def _execute(self, request):
+    def start(self):
+        request = self.request
         try:
             self.process = subprocess.Popen(
                 request.argv,
@@ -439,80 +534,53 @@ class Session(object):
                 preexec_fn=_switch_identity(request),
             )
         except (OSError, ValueError, subprocess.SubprocessError) as error:
-            self._report_start_failure(request, error)
+            self._report_start_failure(error)
             return
-        pid = self.process.pid
-        log(self.where, "started pid %d: %s" % (pid, request.describe()))
-        try:
-            self._send_control({"type": "started", "pid": pid, "window": STDIN_WINDOW})
-        except Disconnected:
-            pass  # the reader sees the host gone and kills the payload
-        reader = threading.Thread(target=self._read_host, name="host-reader-%s" % self.where)
-        reader.daemon = True
-        reader.start()
+        log(self.where, "started pid %d: %s" % (self.process.pid, request.describe()))
+        self._send(encode_control({"type": "started", "pid": self.process.pid, "window": STDIN_WINDOW}))
+        threads = [self._relay]
         if request.stdin:
-            writer = threading.Thread(target=self._feed_stdin, name="stdin-%s" % self.where)
-            writer.daemon = True
-            writer.start()
-        status = self._relay_output()
-        log(self.where, "pid %d ended: %s" % (pid, status))
-        try:
-            self._send_control(dict(type="exit", **status))
-        except Disconnected:
-            pass
-        reader.join()
+            threads.append(self._feed_stdin)
+        for target in threads:
+            thread = threading.Thread(target=target, name="%s-%s" % (target.__name__, self.where))
+            thread.daemon = True
+            thread.start()
 
-    def _report_start_failure(self, request, error):
+    def _report_start_failure(self, error):
+        self._reaped = True
         code = 127 if isinstance(error, FileNotFoundError) else 126
         reason = getattr(error, "strerror", None) or str(error)
-        text = "cannot run %r: %s" % (request.argv[0].decode("utf-8", "replace"), reason)
+        text = "cannot run %r: %s" % (self.request.argv[0].decode("utf-8", "replace"), reason)
         log(self.where, text)
-        try:
-            self.channel.send(encode_data(STDERR, ("blahvm-agent: %s\n" % text).encode("utf-8")))
-            self._send_control({"type": "exit", "code": code, "error": text})
-        except Disconnected:
-            pass
+        self._send(encode_data(STDERR, ("blahvm-agent: %s\n" % text).encode("utf-8")))
+        self._send(encode_control({"type": "exit", "code": code, "error": text}))
+
+    def detach(self, reason):
+        """The host is gone: send nothing more, and kill the payload if it still runs."""
+        with self.channel.send_lock:
+            self.detached = True
+        if not self._reaped:
+            log(self.where, "%s: killing the payload's process group" % reason)
+            self.signal_group(signal.SIGKILL)
+        self._stdin_queue.put(None)
 
     def signal_group(self, signum):
         """Signal the payload's process group, unless it is reaped (its id could be reused)."""
         with self._group_lock:
-            if self._reaped:
+            if self._reaped or self.process is None:
                 return
             try:
                 os.killpg(self.process.pid, signum)
             except ProcessLookupError:
                 pass
 
-    def _read_host(self):
-        """Stdin data, signals and the host's departure, for as long as the connection lasts."""
-        try:
-            while True:
-                kind, payload = self._next_frame()
-                if kind == STDIN:
-                    self._take_stdin(payload)
-                elif kind == CONTROL and payload["type"] == "signal":
-                    signum = payload.get("signal")
-                    if isinstance(signum, int) and not isinstance(signum, bool) and 0 < signum < 65:
-                        log(self.where, "forwarding signal %d" % signum)
-                        self.signal_group(signum)
-                elif kind == CONTROL:
-                    log(self.where, "ignoring a %r message during exec" % payload["type"])
-        except (Disconnected, ProtocolError, OSError) as error:
-            if isinstance(error, ProtocolError):
-                self._send_error("protocol error: %s" % error)
-            self._host_gone.set()
-            self.channel.gone = True
-            if not self._reaped:
-                log(self.where, "host disconnected: killing the payload's process group")
-                self.signal_group(signal.SIGKILL)
-            self._stdin_queue.put(None)
-
-    def _take_stdin(self, data):
+    def take_stdin(self, data):
         with self._credit_lock:
             self._stdin_credit -= len(data)
             if self._stdin_credit < 0:
                 raise ProtocolError("the host sent stdin beyond its window")
-        self._stdin_queue.put(data if data else None)
+        if self.process is not None and self.request.stdin and not self.detached:
+            self._stdin_queue.put(data if data else None)
 
     def _feed_stdin(self):
         stdin = self.process.stdin
@@ -528,14 +596,18 @@ class Session(object):
                     broken = True  # the payload closed its stdin: the rest is discarded
             with self._credit_lock:
                 self._stdin_credit += len(chunk)
-            try:
-                self._send_control({"type": "window", "bytes": len(chunk)})
-            except Disconnected:
-                break
+            self._send(encode_control({"type": "window", "bytes": len(chunk)}))
         try:
             stdin.close()
-        except (BrokenPipeError, OSError):
+        except OSError:
             pass
+
+    def _relay(self):
+        status = self._relay_output()
+        log(self.where, "pid %d ended: %s" % (self.process.pid, status))
+        message = {"type": "exit"}
+        message.update(status)
+        self._send(encode_control(message))
 
     def _relay_output(self):
         """Send stdout and stderr as they come until both end; kill leftovers; reap; the status."""
@@ -544,8 +616,7 @@ class Session(object):
             os.set_blocking(fd, False)
         leader_done_at = None
         while streams:
-            timeout = 0.1 if leader_done_at is None else 0.05
-            readable, _, _ = select.select(list(streams), [], [], timeout)
+            readable, _, _ = select.select(list(streams), [], [], 0.1)
             for fd in readable:
                 try:
                     data = os.read(fd, DATA_CHUNK)
@@ -554,11 +625,7 @@ class Session(object):
                 if not data:
                     del streams[fd]
                     continue
-                if not self.channel.gone:
-                    try:
-                        self.channel.send(encode_data(streams[fd], data))
-                    except Disconnected:
-                        pass
+                self._send(encode_data(streams[fd], data))
             if leader_done_at is None and self._leader_exited():
                 # the job is over when its leader is: what it left in its group goes too
                 leader_done_at = time.monotonic()
@@ -587,12 +654,10 @@ class Session(object):
         return result is not None and result.si_pid != 0
 
     def _wait_leader(self):
-        while True:
-            try:
-                os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOWAIT)
-                return
-            except ChildProcessError:
-                return
+        try:
+            os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:
+            pass
 
 
 # -- where host connections come from ------------------------------------------------------------
@@ -607,14 +672,15 @@ def serve_device(path, name):
     while True:
         _wait_for_host(fd)
         log(name, "host connected")
-        Session(Channel(fd, name)).run()
+        Port(Channel(fd, name)).serve()
         log(name, "host disconnected")
 
 
 def _wait_for_host(fd):
-    """Return once a host is connected to the port; discard what an earlier host left unread.
+    """Return once a host is connected to the port.
 
     A virtio port without a host polls as HUP (and reads as EOF); with one, it polls writable.
+    What an earlier host left unread stays: the next Port skips it while it looks for an open.
     """
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLOUT)
@@ -623,11 +689,6 @@ def _wait_for_host(fd):
         mask = events[0][1] if events else 0
         if mask & select.POLLOUT and not mask & select.POLLHUP:
             return
-        try:
-            while os.read(fd, 65536):
-                pass
-        except (BlockingIOError, OSError):
-            pass
         time.sleep(HOST_POLL_SECONDS)
 
 
@@ -651,7 +712,7 @@ def serve_listen(path):
         connection, _ = server.accept()
         connection.setblocking(False)
         try:
-            Session(Channel(connection.fileno(), path)).run()
+            Port(Channel(connection.fileno(), path)).serve()
         finally:
             connection.close()
 

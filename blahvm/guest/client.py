@@ -19,6 +19,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from typing import Iterator, Mapping, Optional, Sequence, Tuple
 
 from blahvm.guest.agent import write_all, Disconnected
@@ -35,6 +36,7 @@ from blahvm.guest.protocol import (
     encode_control,
     encode_data,
     exec_request,
+    open_frame,
 )
 
 FORWARDED_SIGNALS: Tuple[int, ...] = (
@@ -110,10 +112,13 @@ class _Connection:
             raise AgentError(f"agent at {self.where} sent a malformed frame: {error}") from None
         return True
 
-    def next_control(self, deadline: float, waiting_for: str, outputs: Optional[dict] = None) -> dict:
+    def next_control(
+        self, deadline: float, waiting_for: str, outputs: Optional[dict] = None, errors: bool = True
+    ) -> dict:
         """The next control message, or AgentTimeout once ``deadline`` passes.
 
-        Data frames on the way go to ``outputs`` ({STDOUT: fd, STDERR: fd}), or are dropped.
+        Data frames on the way go to ``outputs`` ({STDOUT: fd, STDERR: fd}), or are dropped;
+        an error message raises AgentError unless ``errors`` is false.
         """
         while True:
             while self.pending:
@@ -121,7 +126,7 @@ class _Connection:
                 if outputs and kind in outputs and payload:
                     write_all(outputs[kind], payload)
                 elif kind == CONTROL:
-                    if payload["type"] == "error":
+                    if payload["type"] == "error" and errors:
                         raise AgentError(f"agent at {self.where}: {payload.get('message')}")
                     return payload
             remaining = deadline - time.monotonic()
@@ -130,19 +135,26 @@ class _Connection:
 
 
 def _hello(connection: _Connection, deadline: float, timeout: float) -> Hello:
-    try:
-        message = connection.next_control(deadline, "hello")
-    except AgentTimeout:
-        raise AgentTimeout(
-            f"the agent at {connection.where} did not answer within {timeout:g} s "
-            "(guest not up yet, agent not running, or the port is in use by another launch)"
-        ) from None
-    if message["type"] != "hello":
-        raise AgentError(f"agent at {connection.where} spoke first with {message['type']!r}, not hello")
-    try:
-        return Hello.from_message(message)
-    except ProtocolError as error:
-        raise AgentError(f"agent at {connection.where}: {error}") from None
+    """Open a session and wait for the agent's answer to it.
+
+    What comes before our hello (an answer to an earlier host's open, an error about an earlier
+    host's bytes) is left over from before us on a virtio port, and is skipped.
+    """
+    nonce = uuid.uuid4().hex
+    connection.send(open_frame(nonce))
+    while True:
+        try:
+            message = connection.next_control(deadline, "hello", errors=False)
+        except AgentTimeout:
+            raise AgentTimeout(
+                f"the agent at {connection.where} did not answer within {timeout:g} s "
+                "(guest not up yet, agent not running, or the port is in use by another launch)"
+            ) from None
+        if message["type"] == "hello" and message.get("nonce") == nonce:
+            try:
+                return Hello.from_message(message)
+            except ProtocolError as error:
+                raise AgentError(f"agent at {connection.where}: {error}") from None
 
 
 def wait_ready(socket_path: str, timeout: float) -> Hello:

@@ -27,6 +27,7 @@ from blahvm.guest.agent import (
     decode_control,
     encode_control,
     encode_data,
+    open_frame,
 )
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "encode_control",
     "encode_data",
     "exec_request",
+    "open_frame",
     "port_name",
 ]
 
@@ -75,6 +77,7 @@ class Hello:
     hostname: str
     session: str
     port: str = ""
+    nonce: str = ""  # echoes the host's open
 
     @classmethod
     def from_message(cls, message: Mapping) -> "Hello":
@@ -85,6 +88,7 @@ class Hello:
                 hostname=message["hostname"],
                 session=message["session"],
                 port=message.get("port", ""),
+                nonce=message.get("nonce", ""),
             )
         except KeyError as missing:
             raise ProtocolError(f"hello message lacks {missing}") from None

@@ -1,0 +1,155 @@
+"""The agent in a real guest: the demo image booted under libvirt/QEMU, driven over its virtio port.
+
+One guest serves every test here (boots are expensive under TCG). It proves what a UNIX socket
+on the host cannot: the virtio port's EOF on host disconnect, waiting for the next host, and
+output through the real channel.
+"""
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+
+from blahvm.guest.client import run_payload, wait_ready
+from blahvm.guest.protocol import agent_socket_path
+
+pytestmark = pytest.mark.guest
+pytest.importorskip("blahvm.image.demo", reason="the demo image builder is not there yet")
+
+BOOT_TIMEOUT = 240  # seconds; TCG on two shared cores, other tests may boot guests too
+RUN_TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def guest_socket(demo_image):
+    """The host end of org.blahvm.agent.0 of a running demo guest."""
+    libvirt = pytest.importorskip("libvirt")
+    from blahvm.hypervisor.domain import DiskSpec, GuestMetadata, GuestSpec, build_domain_xml, guest_uuid
+    from blahvm.services import ensure_libvirt
+
+    ensure_libvirt("qemu:///system", timeout=90)
+    run_dir = tempfile.mkdtemp(prefix="blahvm-agent-guest-")
+    qemu = pwd.getpwnam("libvirt-qemu")
+    os.chown(run_dir, qemu.pw_uid, qemu.pw_gid)  # QEMU creates the socket and the console log
+    os.chmod(run_dir, 0o750)
+    overlay = os.path.join(run_dir, "disk.qcow2")
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", demo_image.image, overlay], check=True
+    )
+    name = "blahvm-test-agent-%s" % uuid.uuid4().hex[:8]
+    spec = GuestSpec(
+        name=name,
+        uuid=guest_uuid(name),
+        flavour="kvm",
+        memory=demo_image.environment().memory,
+        vcpus=1,
+        disks=(DiskSpec(overlay),),
+        metadata=GuestMetadata(job_id="agent-test", user="root", environment="demo", host="localhost",
+                               created=int(time.time())),
+        agent_sockets=(agent_socket_path(run_dir, 0),),
+        kernel=demo_image.kernel,
+        initrd=demo_image.initrd,
+        cmdline=demo_image.cmdline + " blahvm.hostname=agenttest",
+        serial_log=os.path.join(run_dir, "console.log"),
+        domain_type="qemu",
+    )
+    connection = libvirt.open("qemu:///system")
+    domain = connection.createXML(build_domain_xml(spec), libvirt.VIR_DOMAIN_START_AUTODESTROY)
+    try:
+        started = time.monotonic()
+        hello = wait_ready(agent_socket_path(run_dir, 0), timeout=BOOT_TIMEOUT)
+        print("boot to agent hello: %.1fs" % (time.monotonic() - started))
+        assert hello.hostname == "agenttest"
+        yield agent_socket_path(run_dir, 0)
+    finally:
+        try:
+            domain.destroy()
+        except libvirt.libvirtError:
+            pass
+        connection.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run(sock, argv, stdin_data=None, **options):
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as inp:
+        stdin = None
+        if stdin_data is not None:
+            inp.write(stdin_data)
+            inp.flush()
+            inp.seek(0)
+            stdin = inp.fileno()
+        code = run_payload(
+            sock, argv, stdin=stdin, stdout=out.fileno(), stderr=err.fileno(), ready_timeout=RUN_TIMEOUT, **options
+        )
+        out.seek(0)
+        err.seek(0)
+        return code, out.read(), err.read()
+
+
+def test_output_is_byte_exact_through_the_virtio_port(guest_socket):
+    script = "import os\nos.write(1, bytes(range(256)) * 4096)\nos.write(2, b'to stderr')\n"
+    started = time.monotonic()
+    code, out, err = run(guest_socket, ["python3", "-c", script])
+    print("1 MiB out of the guest: %.2fs" % (time.monotonic() - started))
+    assert (code, err) == (0, b"to stderr")
+    assert out == bytes(range(256)) * 4096
+
+
+def test_stdin_goes_in_exactly(guest_socket):
+    data = os.urandom(1536 * 1024)  # beyond the stdin window
+    script = "import sys\nsys.stdout.buffer.write(sys.stdin.buffer.read())\n"
+    assert run(guest_socket, ["python3", "-c", script], stdin_data=data) == (0, data, b"")
+
+
+def test_exit_codes_and_signals(guest_socket):
+    assert run(guest_socket, ["sh", "-c", "exit 7"])[0] == 7
+    assert run(guest_socket, ["sh", "-c", "kill -TERM $$"])[0] == 128 + 15
+
+
+def test_runs_as_the_given_user(guest_socket):
+    assert run(guest_socket, ["sh", "-c", "id -u; id -g"], uid=65534, gid=65534) == (0, b"65534\n65534\n", b"")
+
+
+def test_a_killed_client_kills_the_payload_and_the_port_serves_again(guest_socket):
+    client = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys\nfrom blahvm.guest.client import run_payload\n"
+         "sys.exit(run_payload(sys.argv[1], sys.argv[2:], ready_timeout=%d))\n" % RUN_TIMEOUT,
+         guest_socket, "sh", "-c", "sleep 1000 & echo $!; wait"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        sleeper = int(client.stdout.readline())
+    finally:
+        client.kill()
+        client.wait()
+    # a process that is gone, or a zombie nobody reaped yet, is no longer running
+    check = (
+        "import sys, time\n"
+        "for _ in range(600):\n"
+        "    try:\n"
+        "        state = open('/proc/%d/stat').read().rsplit(')', 1)[1].split()[0]\n"
+        "    except OSError:\n"
+        "        state = 'gone'\n"
+        "    if state in ('gone', 'Z'):\n"
+        "        sys.exit(0)\n"
+        "    time.sleep(0.1)\n"
+        "sys.exit(1)\n" % sleeper
+    )
+    assert run(guest_socket, ["python3", "-c", check])[0] == 0
+
+
+def test_round_trip_of_a_trivial_command(guest_socket):
+    timings = []
+    for _ in range(5):
+        started = time.monotonic()
+        assert run(guest_socket, ["/bin/true"])[0] == 0
+        timings.append(time.monotonic() - started)
+    print("round trip of /bin/true in the guest: best %.0f ms, median %.0f ms"
+          % (min(timings) * 1000, sorted(timings)[2] * 1000))
