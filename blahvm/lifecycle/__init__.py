@@ -1,0 +1,33 @@
+"""The common batch interface on the execution host: prepare, wait_ready, launch, teardown, reap, capacity.
+
+Every step but ``launch`` returns a frozen result carrying an ``Outcome`` and a one-line message,
+and never raises for an expected failure; ``launch`` returns the payload's exit code. libvirt is
+reached only through ``blahvm.hypervisor``; ``launch`` and ``wait_ready`` need none of it.
+
+    result = prepare(config, job)              # prologue, as root
+    code = launch(config, job, ["/bin/echo"])  # job starter, as the job's user
+    teardown(config, job.job_id)               # epilogue, as root
+"""
+
+from blahvm.lifecycle.capacity import capacity
+from blahvm.lifecycle.launch import LAUNCH_FAILED, launch, wait_ready
+from blahvm.lifecycle.prepare import DEFAULT_READY_TIMEOUT, prepare
+from blahvm.lifecycle.reap import reap
+from blahvm.lifecycle.results import Capacity, PrepareResult, ReadyResult, ReapReport, TeardownResult
+from blahvm.lifecycle.teardown import teardown
+
+__all__ = [
+    "Capacity",
+    "DEFAULT_READY_TIMEOUT",
+    "LAUNCH_FAILED",
+    "PrepareResult",
+    "ReadyResult",
+    "ReapReport",
+    "TeardownResult",
+    "capacity",
+    "launch",
+    "prepare",
+    "reap",
+    "teardown",
+    "wait_ready",
+]

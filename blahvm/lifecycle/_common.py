@@ -1,0 +1,103 @@
+"""Pieces every lifecycle step shares: the job's names and paths, and taking its things apart."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Optional, Tuple
+
+import attrs
+
+from blahvm.hypervisor import guests, naming
+from blahvm.hypervisor.connection import Connection, open_connection
+from blahvm.hypervisor.errors import HypervisorError
+from blahvm.hypervisor.storage import ClonePool
+from blahvm.model import Environment, Outcome, SiteConfig
+
+AGENT_SOCKET = "agent.0.sock"  # the name guest.client.acquire_port looks for
+
+
+class Refusal(Exception):
+    """An expected reason to stop: carries the outcome and the one-line message for the result."""
+
+    def __init__(self, outcome: Outcome, message: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+        self.message = message
+
+
+@attrs.frozen
+class JobNames:
+    """Every name and path of a job's guest, derived from its id (never the id itself)."""
+
+    guest: str
+    disk: str
+    scratch: str
+    run_dir: str
+
+    @property
+    def socket(self) -> str:
+        return os.path.join(self.run_dir, AGENT_SOCKET)
+
+    def volumes(self, environment: Environment) -> Tuple[str, ...]:
+        return (self.disk, self.scratch) if environment.scratch else (self.disk,)
+
+
+def job_names(config: SiteConfig, job_id: str) -> JobNames:
+    guest = naming.guest_name(job_id)
+    return JobNames(
+        guest=guest,
+        disk=naming.disk_volume_name(guest),
+        scratch=naming.scratch_volume_name(guest),
+        run_dir=os.path.join(config.host.run_dir, guest),
+    )
+
+
+def connect(config: SiteConfig) -> Connection:
+    return open_connection(config.hypervisor.uri, timeout=float(config.hypervisor.timeout))
+
+
+def clone_pool(config: SiteConfig, conn: Connection) -> ClonePool:
+    return ClonePool.ensure(conn, config.hypervisor.pool, config.hypervisor.pool_path)
+
+
+def is_run_dir(config: SiteConfig, path: Optional[str]) -> bool:
+    """Only directories blahvm names under ``host.run_dir`` are ever removed."""
+    if not path:
+        return False
+    parent, name = os.path.split(os.path.normpath(path))
+    return parent == os.path.normpath(config.host.run_dir) and name.startswith(naming.PREFIX)
+
+
+@attrs.frozen
+class Dismantled:
+    guest_removed: bool
+    volumes_removed: Tuple[str, ...]
+
+
+def dismantle(
+    config: SiteConfig,
+    conn: Connection,
+    guest: Optional[str],
+    volumes: Tuple[str, ...],
+    run_dir: Optional[str],
+) -> Dismantled:
+    """Destroy and undefine the guest, delete its volumes, remove its run dir; gone is fine."""
+    removed = bool(guest) and guests.destroy_and_undefine(conn, guest)
+    deleted = []
+    if volumes:
+        pool = clone_pool(config, conn)
+        deleted = [volume for volume in volumes if pool.delete_volume(volume)]
+    if is_run_dir(config, run_dir):
+        # rmtree resists symlink tricks; the job's user owns the directory by now.
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return Dismantled(removed, tuple(deleted))
+
+
+def best_effort_dismantle(config, conn, guest, volumes, run_dir) -> Optional[str]:
+    """``dismantle`` for cleanup after a failure: returns the problem instead of raising."""
+    try:
+        dismantle(config, conn, guest, volumes, run_dir)
+    except (HypervisorError, OSError) as error:
+        return str(error)
+    return None

@@ -1,0 +1,27 @@
+"""``capacity``: what this host can still take, from the ledger alone (no hypervisor call)."""
+
+from __future__ import annotations
+
+from blahvm.ledger import Ledger, LedgerError
+from blahvm.lifecycle.results import Capacity
+from blahvm.model import Environment, Outcome, SiteConfig
+
+
+def capacity(config: SiteConfig) -> Capacity:
+    """Free guests, memory and vcpus, and which environments one more guest of would fit now."""
+    try:
+        with Ledger(config.host) as ledger:
+            free = ledger.free()
+    except LedgerError as error:
+        return Capacity(Outcome.RETRY_ELSEWHERE, f"capacity: {error}")
+    fitting = tuple(sorted(name for name, env in config.environments.items() if _fits(free, env)))
+    message = f"{free.guests} guests free; fits now: {', '.join(fitting) or 'none'}"
+    return Capacity(Outcome.OK, message, free.guests, free.memory, free.vcpus, fitting)
+
+
+def _fits(free, environment: Environment) -> bool:
+    return (
+        free.guests >= 1
+        and (free.memory is None or environment.memory <= free.memory)
+        and (free.vcpus is None or environment.vcpus <= free.vcpus)
+    )

@@ -1,0 +1,119 @@
+"""``reap``: remove guests, clones and run dirs that no live job owns, and close dead entries.
+
+A guest is reaped only if it carries readable blahvm metadata naming this host; a volume or run
+dir only if it has blahvm's naming. Entries are claimed with compare-and-set, so a reap never
+fights a prologue or epilogue that is working on the same job.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Iterable, List, Set
+
+from blahvm.hypervisor import guests, naming
+from blahvm.hypervisor.connection import Connection
+from blahvm.hypervisor.errors import HypervisorError
+from blahvm.ledger import Entry, Ledger, LedgerError, State, owner_alive
+from blahvm.lifecycle._common import clone_pool, connect, dismantle, is_run_dir
+from blahvm.lifecycle.results import ReapReport
+from blahvm.model import Outcome, SiteConfig
+
+_PREPARING = (State.RESERVED, State.CLONING, State.BOOTING)
+_UP = ("running", "blocked", "paused")
+
+
+def reap(config: SiteConfig, dry_run: bool = False) -> ReapReport:
+    """Clean up after crashes; with ``dry_run`` only report what would be removed."""
+    try:
+        with Ledger(config.host) as ledger, connect(config) as conn:
+            closed = _close_dead_entries(config, ledger, conn, dry_run)
+            live = [entry for entry in ledger.live() if entry.job_id not in closed]
+            guests_gone = _orphan_guests(conn, live)
+            pool = clone_pool(config, conn)
+            volumes = _orphan_volumes((volume.name for volume in pool.list_volumes()), live)
+            run_dirs = _orphan_run_dirs(config, live)
+            if not dry_run:
+                for name in guests_gone:
+                    guests.destroy_and_undefine(conn, name)
+                for volume in volumes:
+                    pool.delete_volume(volume)
+                for path in run_dirs:
+                    dismantle(config, conn, None, (), path)
+    except (HypervisorError, LedgerError, OSError) as error:
+        return ReapReport(Outcome.RETRY_ELSEWHERE, f"reap: {error}", dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    message = (
+        f"reap {verb} {len(guests_gone)} guests, {len(volumes)} volumes, {len(run_dirs)} run dirs; "
+        f"{'would close' if dry_run else 'closed'} {len(closed)} entries"
+    )
+    return ReapReport(Outcome.OK, message, dry_run, tuple(guests_gone), tuple(volumes), tuple(run_dirs), tuple(closed))
+
+
+def _is_dead(conn: Connection, entry: Entry) -> bool:
+    """Its guest vanished, or its owner died before the guest was up."""
+    if entry.state in _PREPARING or entry.state is State.TEARING_DOWN:
+        if owner_alive(entry):
+            return False
+        if entry.state is not State.BOOTING:
+            return True
+    return entry.guest is None or guests.domain_state(conn, entry.guest) not in _UP
+
+
+def _close_dead_entries(config: SiteConfig, ledger: Ledger, conn: Connection, dry_run: bool) -> List[str]:
+    closed = []
+    for entry in ledger.live():
+        if not _is_dead(conn, entry):
+            continue
+        if dry_run:
+            closed.append(entry.job_id)
+            continue
+        claimed = ledger.transition(
+            entry.job_id, entry.state, State.TEARING_DOWN, expected_version=entry.version, pid=os.getpid()
+        )
+        if claimed is None:
+            continue  # someone else is working on it
+        dismantle(config, conn, claimed.guest, claimed.volumes, claimed.run_dir)
+        reason = "guest vanished" if entry.state is State.RUNNING else f"owner died in {entry.state}"
+        if ledger.close(entry.job_id, Outcome.RETRY_ELSEWHERE, f"reaped: {reason}", expected_version=claimed.version):
+            closed.append(entry.job_id)
+    return closed
+
+
+def _orphan_guests(conn: Connection, live: List[Entry]) -> List[str]:
+    owned = {entry.guest for entry in live}
+    here = socket.gethostname()
+    return [
+        guest.name
+        for guest in guests.list_blahvm_guests(conn)
+        if guest.name not in owned and guest.metadata.host == here
+    ]
+
+
+def _owned_prefixes(live: List[Entry]) -> Set[str]:
+    # A guest's volumes all start with its name; a live entry in "reserved" has recorded none yet.
+    prefixes = {entry.guest for entry in live if entry.guest}
+    prefixes.update(naming.guest_name(entry.job_id) for entry in live)
+    return prefixes
+
+
+def _orphan_volumes(names: Iterable[str], live: List[Entry]) -> List[str]:
+    owned = {volume for entry in live for volume in entry.volumes}
+    prefixes = _owned_prefixes(live)
+    return [
+        name
+        for name in names
+        if name.startswith(naming.PREFIX)
+        and name not in owned
+        and not any(name == p + ".qcow2" or name.startswith(p + "-") for p in prefixes)
+    ]
+
+
+def _orphan_run_dirs(config: SiteConfig, live: List[Entry]) -> List[str]:
+    try:
+        children = sorted(os.listdir(config.host.run_dir))
+    except FileNotFoundError:
+        return []
+    owned = _owned_prefixes(live)
+    paths = [os.path.join(config.host.run_dir, child) for child in children if child not in owned]
+    return [path for path in paths if is_run_dir(config, path) and os.path.isdir(path)]
