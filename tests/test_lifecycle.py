@@ -117,6 +117,18 @@ def test_prepare_makes_guest_clone_run_dir_and_ledger_entry(tmp_path, golden, ke
     teardown(config, job.job_id)
 
 
+def test_hostile_job_id_and_name_stay_out_of_paths_and_xml(tmp_path, golden, keep_driver):
+    config = make_config(tmp_path, golden)
+    job = Job(job_id="../../etc/x'<&>\n$(id)", user="u<&>", decision=make_job().decision, name="]]></name>")
+    result = prepare(config, job, ready_timeout=None)
+    assert result.outcome is Outcome.OK, result.message
+    assert os.path.dirname(result.run_dir) == config.host.run_dir
+    (guest,) = guests.list_blahvm_guests(keep_driver)
+    assert (guest.metadata.job_id, guest.metadata.user, guest.metadata.name) == (job.job_id, job.user, job.name)
+    assert teardown(config, job.job_id).outcome is Outcome.OK
+    assert_nothing_left(config, keep_driver)
+
+
 def test_prepare_twice_reuses_the_guest_and_holds_one_slot(tmp_path, golden, keep_driver):
     config = make_config(tmp_path, golden)
     job = make_job()
@@ -157,6 +169,15 @@ def test_job_problems_fail_the_job_without_taking_a_slot(tmp_path, golden, keep_
     bad_sum = make_config(tmp_path, (golden[0], "0" * 64))
     result = prepare(bad_sum, make_job(), ready_timeout=None)
     assert result.outcome is Outcome.FAIL_JOB and "sha256" in result.message
+    assert_nothing_left(config, keep_driver)
+
+
+@pytest.mark.parametrize("job_id, user", [("", "cms001"), ("7", "")])
+def test_bad_job_fields_fail_the_job_with_one_line(tmp_path, golden, keep_driver, job_id, user):
+    config = make_config(tmp_path, golden)
+    job = Job(job_id=job_id, user=user, decision=make_job().decision)
+    result = prepare(config, job, ready_timeout=None)
+    assert result.outcome is Outcome.FAIL_JOB and "\n" not in result.message
     assert_nothing_left(config, keep_driver)
 
 

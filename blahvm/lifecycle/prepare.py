@@ -56,6 +56,8 @@ def prepare(config: SiteConfig, job: Job, *, ready_timeout: Optional[float] = DE
         return PrepareResult(Outcome.RETRY_ELSEWHERE, str(error), job.job_id)
     except OSError as error:
         return PrepareResult(Outcome.RETRY_ELSEWHERE, f"prepare {job.job_id}: {error}", job.job_id)
+    except (ValueError, TypeError) as error:  # a job the ledger refuses to record (e.g. an empty user)
+        return PrepareResult(Outcome.FAIL_JOB, f"prepare {job.job_id!r}: {error}", job.job_id)
 
 
 def _environment(config: SiteConfig, job: Job) -> Environment:
