@@ -231,7 +231,9 @@ def test_a_dead_owners_half_made_entry_is_cleaned_and_redone(tmp_path, golden, k
     pool = ClonePool.ensure(keep_driver, config.hypervisor.pool, config.hypervisor.pool_path)
     with Ledger(config.host) as ledger:  # a prologue that died right after making its clone
         entry = ledger.reserve(job.job_id, job.user, "cms", "demo", 256 * MiB, 1, pid=_dead_pid())
-        ledger.transition(job.job_id, State.RESERVED, State.CLONING, guest=names_guest, volumes=[names_guest + ".qcow2"])
+        ledger.transition(
+            job.job_id, State.RESERVED, State.CLONING, guest=names_guest, volumes=[names_guest + ".qcow2"]
+        )
     from blahvm.hypervisor.images import inspect_image
 
     pool.clone_overlay(inspect_image("demo", golden[0]), names_guest + ".qcow2")
