@@ -59,6 +59,9 @@ class AgentTimeout(AgentError):
 # -- one connection ------------------------------------------------------------------------------
 
 
+OPEN_RESEND_MAX = 8.0  # seconds between opens once the agent has been silent a while
+
+
 class _Connection:
     """A socket to an agent, read as frames, written one whole frame at a time."""
 
@@ -140,12 +143,21 @@ def _hello(connection: _Connection, deadline: float, timeout: float) -> Hello:
     What comes before our hello (an answer to an earlier host's open, an error about an earlier
     host's bytes) is left over from before us on a virtio port, and is skipped.
     """
-    nonce = uuid.uuid4().hex
-    connection.send(open_frame(nonce))
+    # The open is sent again (with a new nonce) while no answer comes: an open can be lost on a
+    # virtio port (queued before the guest's agent was up, or behind bytes an earlier host left half
+    # written). Only the answer to the latest open counts: each new open ends the session before it.
+    nonce, resend_at, interval = None, 0.0, 1.0
     while True:
+        now = time.monotonic()
+        if now >= resend_at:
+            nonce = uuid.uuid4().hex
+            connection.send(open_frame(nonce))
+            resend_at, interval = now + interval, min(interval * 2, OPEN_RESEND_MAX)
         try:
-            message = connection.next_control(deadline, "hello", errors=False)
+            message = connection.next_control(min(deadline, resend_at), "hello", errors=False)
         except AgentTimeout:
+            if time.monotonic() < deadline:
+                continue
             raise AgentTimeout(
                 f"the agent at {connection.where} did not answer within {timeout:g} s "
                 "(guest not up yet, agent not running, or the port is in use by another launch)"
