@@ -70,6 +70,13 @@ routes:
     ]
 
 
+def test_zero_quantities_are_refused():
+    assert problems_of("host: {memory: 0}\nqueues: {q: {max_walltime: '0:00'}}") == [
+        "site.yaml:1: host.memory: must be larger than 0B",
+        "site.yaml:2: queues.q.max_walltime: must be longer than 0s",
+    ]
+
+
 def test_sizes_follow_the_documented_rules():
     config = parse_config("environments: {e: {image: /i, flavour: kvm, memory: 2Gb, vcpus: 1}}")
     assert config.environments["e"].memory == 2 * 10**9  # two-letter SI units are decimal

@@ -98,36 +98,25 @@ def _quantity_text(problems: Problems, path: Path, value: Any) -> Any:
     return text if text is not None and not isinstance(value, str) else value
 
 
-def read_duration(problems: Problems, path: Path, value: Any) -> Any:
-    try:
-        return Duration.parse(_quantity_text(problems, path, value))
-    except QuantityError as error:
-        problems.add(path, str(error))
-        return INVALID
+def read_positive(quantity: Any, zero: str) -> Reader:
+    """A reader of a non-zero ``Duration`` or ``Size``; ``zero`` says why 0 will not do."""
+
+    def read(problems: Problems, path: Path, value: Any) -> Any:
+        try:
+            parsed = quantity.parse(_quantity_text(problems, path, value))
+        except QuantityError as error:
+            problems.add(path, str(error))
+            return INVALID
+        if parsed == 0:
+            problems.add(path, zero)
+            return INVALID
+        return parsed
+
+    return read
 
 
-def read_positive_duration(problems: Problems, path: Path, value: Any) -> Any:
-    duration = read_duration(problems, path, value)
-    if duration is not INVALID and duration == 0:
-        problems.add(path, "must be longer than 0s")
-        return INVALID
-    return duration
-
-
-def read_size(problems: Problems, path: Path, value: Any) -> Any:
-    try:
-        return Size.parse(_quantity_text(problems, path, value))
-    except QuantityError as error:
-        problems.add(path, str(error))
-        return INVALID
-
-
-def read_positive_size(problems: Problems, path: Path, value: Any) -> Any:
-    size = read_size(problems, path, value)
-    if size is not INVALID and size == 0:
-        problems.add(path, "must be larger than 0B")
-        return INVALID
-    return size
+read_positive_duration = read_positive(Duration, "must be longer than 0s")
+read_positive_size = read_positive(Size, "must be larger than 0B")
 
 
 def read_sha256(problems: Problems, path: Path, value: Any) -> Any:
