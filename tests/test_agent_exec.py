@@ -71,7 +71,7 @@ def sock(run_dir):
     return agent_socket_path(run_dir, 0)
 
 
-def run(sock, argv, stdin_data=None, **options):
+def run(sock, argv, stdin_data=None, ready_timeout=60, **options):
     """run_payload with output captured in files: (exit code, stdout bytes, stderr bytes)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as inp:
         stdin = None
@@ -81,7 +81,7 @@ def run(sock, argv, stdin_data=None, **options):
             inp.seek(0)
             stdin = inp.fileno()
         code = run_payload(
-            sock, argv, stdin=stdin, stdout=out.fileno(), stderr=err.fileno(), ready_timeout=60, **options
+            sock, argv, stdin=stdin, stdout=out.fileno(), stderr=err.fileno(), ready_timeout=ready_timeout, **options
         )
         out.seek(0)
         err.seek(0)

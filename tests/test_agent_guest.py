@@ -18,6 +18,7 @@ import pytest
 
 from blahvm.guest.client import run_payload, wait_ready
 from blahvm.guest.protocol import agent_socket_path
+from tests.test_agent_exec import run as run_captured
 
 pytestmark = pytest.mark.guest
 pytest.importorskip("blahvm.image.demo", reason="the demo image builder is not there yet")
@@ -77,19 +78,7 @@ def guest_socket(demo_image):
 
 
 def run(sock, argv, stdin_data=None, **options):
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as inp:
-        stdin = None
-        if stdin_data is not None:
-            inp.write(stdin_data)
-            inp.flush()
-            inp.seek(0)
-            stdin = inp.fileno()
-        code = run_payload(
-            sock, argv, stdin=stdin, stdout=out.fileno(), stderr=err.fileno(), ready_timeout=RUN_TIMEOUT, **options
-        )
-        out.seek(0)
-        err.seek(0)
-        return code, out.read(), err.read()
+    return run_captured(sock, argv, stdin_data, ready_timeout=RUN_TIMEOUT, **options)
 
 
 def test_output_is_byte_exact_through_the_virtio_port(guest_socket):
