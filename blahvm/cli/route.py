@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from blahvm.cli.common import add_config_option, fail, report_config_error, resolved_config_path
+from blahvm.cli.submission import add_submission_options
 
 EXIT_ROUTED, EXIT_REJECTED = 0, 1
 
@@ -20,10 +21,8 @@ def add_parser(commands) -> None:
                     "Exit 0 routed, 1 rejected, 2 bad config or arguments.",
     )
     add_config_option(parser)
-    for field, example in (("queue", "grid"), ("vo", "cms"), ("user", "cms001"), ("group", "cms"),
-                           ("account", "cms-prod"), ("walltime", "10h, 90m, 2d, 10:00:00"),
-                           ("memory", "2GiB, 512MiB, 2G"), ("cores", "4"), ("environment", "slc4")):
-        parser.add_argument(f"--{field}", metavar=field.upper(), help=f"e.g. {example}")
+    parser.add_argument("--user", metavar="USER", help="e.g. cms001")
+    add_submission_options(parser)
     parser.add_argument("--explain", action="store_true", help="say why each earlier route did not match")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)

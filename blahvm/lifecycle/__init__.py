@@ -13,6 +13,7 @@ from blahvm.lifecycle.capacity import capacity
 from blahvm.lifecycle.launch import LAUNCH_FAILED, launch, wait_ready
 from blahvm.lifecycle.prepare import DEFAULT_READY_TIMEOUT, prepare
 from blahvm.lifecycle.reap import reap
+from blahvm.lifecycle.run import RunResult, run_job
 from blahvm.lifecycle.results import Capacity, PrepareResult, ReadyResult, ReapReport, TeardownResult
 from blahvm.lifecycle.teardown import teardown
 
@@ -23,11 +24,13 @@ __all__ = [
     "PrepareResult",
     "ReadyResult",
     "ReapReport",
+    "RunResult",
     "TeardownResult",
     "capacity",
     "launch",
     "prepare",
     "reap",
+    "run_job",
     "teardown",
     "wait_ready",
 ]
