@@ -172,6 +172,7 @@ class HostConfig:
     vcpus: Optional[int] = None
     state_dir: str = "/var/lib/blahvm"  # the ledger lives here
     run_dir: str = "/run/blahvm"  # per-job agent sockets
+    log_file: Optional[str] = None  # hooks log here, one line per event; None: syslog
 
 
 @attrs.frozen

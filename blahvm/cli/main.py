@@ -10,7 +10,7 @@ import sys
 from blahvm._version import __version__
 
 # Command modules, in the order --help lists them.
-COMMANDS = ("check", "route", "lint", "run", "prepare", "teardown", "guests", "capacity", "reap", "image")
+COMMANDS = ("check", "route", "lint", "run", "prepare", "teardown", "guests", "capacity", "reap", "install", "image")
 
 EXIT_INTERNAL = 70  # sysexits' EX_SOFTWARE: a bug in blahvm, not in the input
 

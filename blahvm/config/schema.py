@@ -219,6 +219,7 @@ HOST_FIELDS = {
     "vcpus": read_positive_int,
     "state_dir": read_absolute_path,
     "run_dir": read_absolute_path,
+    "log_file": read_absolute_path,
 }
 
 DEFAULTS_FIELDS = {

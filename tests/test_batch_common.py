@@ -1,0 +1,69 @@
+"""What every plugin shares: event lines, hooks that never show a traceback, the execution-host Job,
+and hook scripts fixed at install time."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from blahvm.batch.execution import execution_job
+from blahvm.batch.hook import run_hook
+from blahvm.batch.install import hook_script, install_file
+from blahvm.batch.log import format_event, log_event
+from blahvm.config import parse_config
+from blahvm.model import Job, Rejection, Submission
+
+SITE = """
+environments: {e: {image: /e.qcow2, flavour: kvm, memory: 1GiB, vcpus: 1}}
+queues: {q: {}}
+routes:
+  - {name: ok, when: {vo: cms}, queue: q, environment: e}
+  - {name: elsewhere, reject: "not here"}
+"""
+
+
+def test_event_lines_keep_user_text_on_one_line_and_in_its_field():
+    line = format_event("prologue", "prepared\nin 5s", job_id="12.server", user="x vo=atlas", vo="cms")
+    assert line == "prologue: job=12.server user='x vo=atlas' vo=cms prepared in 5s"
+
+
+def test_log_file_gets_one_line_per_event(tmp_path):
+    log = tmp_path / "blahvm.log"
+    log_event("epilogue", "torn down", job_id="7", log_file=str(log))
+    log_event("epilogue", "again", job_id="7", log_file=str(log))
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2 and lines[0].endswith("epilogue: job=7 torn down")
+
+
+def test_a_failing_hook_gives_its_defined_code_and_one_line(tmp_path, capfd):
+    def broken():
+        raise KeyError("boom")
+
+    assert run_hook("prologue", broken, on_error=2, log_file=str(tmp_path / "log")) == 2
+    assert capfd.readouterr().err == "blahvm prologue: internal error: KeyError: 'boom'\n"
+    assert run_hook("prologue", lambda: 0, on_error=2) == 0
+
+
+def test_the_execution_host_routes_again_and_knows_the_account():
+    config = parse_config(SITE)
+    job = execution_job(config, "1", Submission(vo="cms", user="nobody"), workdir="/tmp")
+    assert isinstance(job, Job) and job.uid == 65534 and job.decision.rule == "ok" and job.workdir == "/tmp"
+    assert execution_job(config, "2", Submission(vo="atlas", user="nobody")) == Rejection("not here", "elsewhere")
+    unknown = execution_job(config, "3", Submission(vo="cms", user="no-such-user-here"))
+    assert unknown.reason == "job 3: user 'no-such-user-here' does not exist on this host"
+
+
+def test_an_installed_hook_ignores_the_callers_python_environment(tmp_path):
+    trap = tmp_path / "trap"
+    trap.mkdir()
+    (trap / "blahvm").mkdir()
+    (trap / "blahvm" / "__init__.py").write_text("raise SystemExit('imported the wrong blahvm')\n")
+    hook = tmp_path / "hook"
+    install_file(str(hook), hook_script("test", "blahvm.locations", "cache_dir", "/etc/site.yaml")
+                 .replace("cache_dir(config='/etc/site.yaml')", "print(cache_dir({}))").replace(
+                     "sys.exit(print", "(print"), 0o755)
+    assert oct(os.stat(hook).st_mode & 0o777) == "0o755"
+    env = dict(os.environ, PYTHONPATH=str(trap))
+    result = subprocess.run([str(hook)], capture_output=True, text=True, env=env, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "/var/cache/blahvm"
