@@ -9,6 +9,7 @@ import shutil
 import signal
 import sqlite3
 import stat
+import subprocess
 import tempfile
 import time
 
@@ -605,3 +606,17 @@ LedgerAgainstModel.TestCase.settings = settings(
     max_examples=40, stateful_step_count=25, deadline=None
 )
 TestLedgerAgainstModel = LedgerAgainstModel.TestCase
+
+
+def test_a_zombie_owner_counts_as_dead():
+    child = subprocess.Popen(["true"])
+    try:
+        for _ in range(500):  # until it has exited but is not yet collected
+            with open(f"/proc/{child.pid}/stat", "rb") as status:
+                if status.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    break
+            time.sleep(0.01)
+        assert process_start_time(child.pid) is None
+    finally:
+        child.wait()
+    assert process_start_time(os.getpid()) is not None

@@ -338,7 +338,7 @@ def test_real_kill_9_of_prepare_never_costs_the_live_job_and_a_killed_teardown_r
                 assert report.outcome is Outcome.OK, report.message
                 assert guests.domain_state(conn, live_guest) == "running", f"after a kill at {delay:.2f}s"
                 assert live_guest in leftovers(config, conn)["live"]
-                # Whatever reap left of the killed job (see the xfail below), its epilogue removes.
+                # Whatever reap left of the killed job, its epilogue removes.
                 assert teardown(config, job_id).outcome is Outcome.OK
                 assert leftovers(config, conn) == only(live_guest), f"after a kill at {delay:.2f}s"
             # The epilogue killed while taking the guest apart; the batch system runs it again.
@@ -355,11 +355,6 @@ def wait_for(condition, timeout: float, what: str) -> None:
 
 
 @pytest.mark.guest
-@pytest.mark.xfail(
-    strict=True,
-    reason="reap keeps a 'booting' entry whose owner died while its guest runs: the ledger cannot tell "
-    "a prologue killed while waiting for the agent from one that returned OK with ready_timeout=None",
-)
 def test_real_prepare_killed_while_waiting_for_the_agent_is_reaped(demo_image):
     with real_params(demo_image, max_guests=2) as (params, made):
         config = build_config(params)

@@ -8,7 +8,8 @@ from blahvm.ledger.entries import Entry
 
 
 def process_start_time(pid: int) -> Optional[int]:
-    """The start time of process ``pid`` in clock ticks after boot, or None if it does not exist."""
+    """The start time of process ``pid`` in clock ticks after boot, or None if it does not exist
+    or is a zombie (dead, only not yet collected by its parent)."""
     try:
         with open(f"/proc/{int(pid)}/stat", "rb") as stat:
             data = stat.read()
@@ -16,6 +17,8 @@ def process_start_time(pid: int) -> Optional[int]:
         return None
     # The command name (field 2) may hold spaces and parentheses: count fields after its last ")".
     fields = data[data.rindex(b")") + 2 :].split()
+    if fields[0] == b"Z":  # field 3, state
+        return None
     return int(fields[19])  # field 22, starttime
 
 

@@ -154,6 +154,8 @@ class _Preparation:
         self._hand_over_socket()
         self.ledger.record_timing(self.job.job_id, "boot", time.monotonic() - started)
         if self.ready_timeout is None:
+            # handed over: whoever asked not to wait owns readiness; a "booting" entry is always a prepare at work
+            self.ledger.transition(self.job.job_id, State.BOOTING, State.RUNNING)
             return self._result(self.ledger.get(self.job.job_id), "guest started")
         return self._await_agent(entry, reused=False)
 

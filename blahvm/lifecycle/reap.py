@@ -51,12 +51,9 @@ def reap(config: SiteConfig, dry_run: bool = False) -> ReapReport:
 
 
 def _is_dead(conn: Connection, entry: Entry) -> bool:
-    """Its guest vanished, or its owner died before the guest was up."""
+    """Its guest vanished, or its owner died before handing the guest over (or while taking it apart)."""
     if entry.state in _PREPARING or entry.state is State.TEARING_DOWN:
-        if owner_alive(entry):
-            return False
-        if entry.state is not State.BOOTING:
-            return True
+        return not owner_alive(entry)
     return entry.guest is None or guests.domain_state(conn, entry.guest) not in _UP
 
 
