@@ -1,0 +1,59 @@
+"""``blahvm capacity``: what this host can still take, from its ledger (no hypervisor call)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from blahvm.cli.common import add_config_option, report_config_error, resolved_config_path
+from blahvm.cli.outcomes import EXIT_CODES_HELP, exit_code, step
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "capacity", help="free slots, memory and vcpus, and the environments that fit now",
+        description="Show the free guest slots, memory and vcpus of this host and which environments one "
+                    "more guest of would fit now (what elim or exechost_periodic report).",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_option(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from blahvm.config import ConfigError, load_config
+    from blahvm.lifecycle import capacity
+
+    try:
+        config = load_config(resolved_config_path(args))
+    except ConfigError as error:
+        return report_config_error(error)
+    free = capacity(config)
+    if free.outcome.name != "OK":
+        step(free.message)
+        return exit_code(free.outcome)
+    host = config.host
+    if args.json:
+        json.dump({
+            "guests_free": free.guests, "guests_total": host.max_guests,
+            "memory_free": _shown(free.memory), "memory_total": _shown(host.memory),
+            "vcpus_free": free.vcpus, "vcpus_total": host.vcpus,
+            "environments": list(free.environments),
+        }, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(f"guests  {free.guests} free of {host.max_guests}")
+        print(f"memory  {_of(free.memory, host.memory)}")
+        print(f"vcpus   {_of(free.vcpus, host.vcpus)}")
+        print(f"fits now: {', '.join(free.environments) or 'none'}")
+    return exit_code(free.outcome)
+
+
+def _shown(value):
+    return None if value is None else str(value)
+
+
+def _of(free, total) -> str:
+    return "unlimited" if total is None else f"{free} free of {total}"
