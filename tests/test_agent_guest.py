@@ -157,3 +157,21 @@ def test_stdout_throughput_out_of_the_guest(guest_socket):
         os.close(devnull)
     assert code == 0
     print("stdout out of the guest: %.0f MB/s" % (size / elapsed / 1e6))
+
+
+def test_back_to_back_launches_are_each_answered_at_once(guest_socket, monkeypatch):
+    """Every open gets its hello with no resend, also while the guest's CPU is busy: that is when
+    the guest reads the next host's open before the port stops showing the last host gone."""
+    from blahvm.guest import client
+
+    monkeypatch.setattr(client, "OPEN_RESEND_FIRST", 3600.0)
+    hog = "setsid sh -c 'echo $$ > /tmp/hog.pid; while :; do :; done' </dev/null >/dev/null 2>&1 &"
+    assert run(guest_socket, ["sh", "-c", hog])[0] == 0  # outside the payload's group: it stays
+    try:
+        for index in range(20):
+            started = time.monotonic()
+            code, _, _ = run_captured(guest_socket, ["/bin/true"], None, ready_timeout=10)
+            assert code == 0, "launch %d" % index
+            assert time.monotonic() - started < 5, "launch %d waited for its hello" % index
+    finally:
+        run(guest_socket, ["sh", "-c", "kill $(cat /tmp/hog.pid)"])

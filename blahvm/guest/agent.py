@@ -167,11 +167,7 @@ def _wait_fd(fd, events):
 
 
 def write_all(fd, data):
-    """Write all of ``data`` to a (possibly non-blocking) fd; Disconnected if the peer is gone.
-
-    On a virtio port with no host a write would block until the next host connects and hand it
-    stale output: the poll mask says HUP instead, and we stop.
-    """
+    """Write all of ``data`` to a (possibly non-blocking) fd; Disconnected if the peer is gone."""
     view = memoryview(data)
     while view:
         try:
@@ -192,33 +188,122 @@ def write_all(fd, data):
             raise Disconnected()
 
 
-class Channel(object):
-    """A connected, non-blocking byte stream to the host: an accepted socket or a virtio port."""
+# How long a virtio port may show no host before the agent believes its host has left.
+#
+# The guest learns that the host connected or disconnected from control messages, and those travel
+# on another virtqueue than the data and are handled later (in a kernel work item, while data is
+# taken in the interrupt). So when one host hangs up and the next connects at once, the next
+# host's open can be read while the port still shows the first host's departure (POLLHUP, reads
+# of 0, writes that would block), and the port only shows the new host a moment later. Taken at
+# its word, that stale departure ended the session the open had just started, and the hello was
+# never sent: the open was lost. So a departure only counts once it has lasted this long; a host
+# that did leave is replaced by one that starts with its own open, which ends the session anyway.
+HOST_GONE_SECONDS = 2.0
+HOST_POLL_SECONDS = 0.02  # a virtio port cannot block until a host connects: how often to look
 
-    def __init__(self, fd, name):
+
+class Channel(object):
+    """A connected, non-blocking byte stream to the host: an accepted socket or a virtio port.
+
+    ``reconnects``: a virtio port, which outlives its hosts (one after another), rather than a
+    socket, whose end is final. ``_read``, ``_write`` and ``_poll`` are the only calls that touch
+    the fd.
+    """
+
+    def __init__(self, fd, name, reconnects=False):
         self.fd = fd
         self.name = name
+        self.reconnects = reconnects
         self.send_lock = threading.Lock()
 
-    def send(self, frame, unless=None):
-        """Send whole frames (never interleaved between threads), unless ``unless()`` says not to."""
+    def _read(self, size):
+        return os.read(self.fd, size)
+
+    def _write(self, data):
+        return os.write(self.fd, data)
+
+    def _poll(self, events, timeout=None):
+        """The fd's event mask (HUP/ERR come unasked); 0 if ``timeout`` seconds pass first."""
+        poller = select.poll()
+        poller.register(self.fd, events)
+        while True:
+            ready = poller.poll(None if timeout is None else int(timeout * 1000))
+            if ready:
+                return ready[0][1]
+            if timeout is not None:
+                return 0
+
+    def send(self, frame, unless=None, patience="grace"):
+        """Send whole frames (never interleaved between threads), unless ``unless()`` says not to.
+
+        While a virtio port shows no host, wait for one up to ``patience`` seconds (None: until one
+        comes; by default HOST_GONE_SECONDS), then raise Disconnected: the departure may be stale.
+        """
         with self.send_lock:
             if unless is None or not unless():
-                write_all(self.fd, frame)
+                self._write_all(frame, patience)
+
+    def _write_all(self, data, patience):
+        if patience == "grace":
+            patience = HOST_GONE_SECONDS
+        view = memoryview(data)
+        away_since = None
+        while view:
+            try:
+                written = self._write(view)
+            except BlockingIOError:
+                written = 0
+            except (BrokenPipeError, ConnectionResetError):
+                raise Disconnected()
+            except OSError as error:
+                if error.errno in (errno.ENOTCONN, errno.ENODEV, errno.EIO):
+                    raise Disconnected()
+                raise
+            if written:
+                view = view[written:]
+                away_since = None
+                continue
+            mask = self._poll(select.POLLOUT)
+            if mask & select.POLLOUT:
+                continue
+            if mask & (select.POLLERR | select.POLLNVAL) or not self.reconnects:
+                raise Disconnected()
+            # no host on the port (POLLHUP): maybe only for a moment
+            now = time.monotonic()
+            away_since = now if away_since is None else away_since
+            if patience is not None and now - away_since >= patience:
+                raise Disconnected()
+            time.sleep(HOST_POLL_SECONDS)
 
     def recv(self, size=256 * 1024):
-        """Bytes from the host, or b'' once it has disconnected."""
+        """Bytes from the host, or b'' while no host is connected (for a socket: for good)."""
         while True:
             try:
-                return os.read(self.fd, size)
+                return self._read(size)
             except BlockingIOError:
-                _wait_fd(self.fd, select.POLLIN)
+                self._poll(select.POLLIN)
             except (ConnectionResetError, BrokenPipeError):
                 return b""
             except OSError as error:
                 if error.errno in (errno.ENOTCONN, errno.ENODEV, errno.EIO):
                     return b""
                 raise
+
+    def wait_for_host(self, timeout=None):
+        """True once a host is connected, False if none is within ``timeout`` s (None: no limit).
+
+        A virtio port without a host polls as HUP (and reads as EOF). A socket never gets its
+        host back. What a host left unread stays: the Port skips it while it looks for an open.
+        """
+        if not self.reconnects:
+            return False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if not self._poll(select.POLLIN | select.POLLOUT, 0) & select.POLLHUP:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(HOST_POLL_SECONDS)
 
 
 # -- logging -------------------------------------------------------------------------------------
@@ -366,17 +451,38 @@ class Port(object):
         self.run = None  # its payload, once exec'd
 
     def serve(self):
-        """Until the host disconnects; its payload, if any, is then killed."""
+        """Serve hosts until the channel's last one has left (a virtio port: forever).
+
+        A host that has left (for HOST_GONE_SECONDS, on a virtio port) ends its session: its
+        payload, if any, is killed.
+        """
         try:
             while True:
                 data = self.channel.recv()
-                if not data:
-                    break
-                self._receive(data)
+                if data:
+                    self._receive(data)
+                    continue
+                if self.channel.wait_for_host(HOST_GONE_SECONDS):
+                    continue  # it was only a moment: the session goes on
+                self._host_left()
+                if not self.channel.wait_for_host(None):
+                    return
+                log(self.where, "host connected")
         except Disconnected:
-            pass
+            pass  # a socket's host is gone (a virtio port's sends never give up for good)
         finally:
             self._end_session("host disconnected")
+
+    def _host_left(self):
+        """The host is gone for good: end its session, and drop its unfinished frame, if any."""
+        leftover = self.decoder.unparsed[1:] if self.token is not None and self.decoder.pending else b""
+        self._end_session("host disconnected")
+        log(self.where, "host disconnected")
+        if leftover:
+            # what came after the start of a frame its host never finished may be the next
+            # host's open: look for one there
+            self.scanned = b""
+            self._receive(leftover)
 
     def _receive(self, data):
         while data:
@@ -424,7 +530,7 @@ class Port(object):
     def _open(self, nonce):
         self._end_session("a new host opened the port")
         self.token = uuid.uuid4().hex
-        self.channel.send(
+        self._send(
             encode_control(
                 {
                     "type": "hello",
@@ -437,6 +543,15 @@ class Port(object):
                 }
             )
         )
+
+    def _send(self, frame):
+        """Answer the host (hello, error): on a virtio port, wait for a host as long as it takes.
+
+        The answer is to bytes a host sent, and that host may not show on the port yet (see
+        HOST_GONE_SECONDS); if it has really gone, the next one skips the answer. No payload
+        runs meanwhile: this thread starts one only after its answer is sent.
+        """
+        self.channel.send(frame, patience=None)
 
     def _end_session(self, reason):
         if self.run is not None:
@@ -451,7 +566,7 @@ class Port(object):
             self.run.detach("the host's stream is corrupt")
             self.run = None
         try:
-            self.channel.send(encode_control({"type": "error", "message": text}))
+            self._send(encode_control({"type": "error", "message": text}))
         except Disconnected:
             pass
         self.token = None
@@ -489,7 +604,7 @@ class Port(object):
         except RequestError as error:
             text = "bad exec request: %s" % error
             log(self.where, text)
-            self.channel.send(encode_control({"type": "error", "message": text}))
+            self._send(encode_control({"type": "error", "message": text}))
             return
         self.run = Run(self.channel, request)
         self.run.start()
@@ -662,34 +777,14 @@ class Run(object):
 
 # -- where host connections come from ------------------------------------------------------------
 
-HOST_POLL_SECONDS = 0.02  # a virtio port cannot block until a host connects: how often to look
-
-
 def serve_device(path, name):
     """Serve a virtio(-like) character device forever, one host connection after another."""
     fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     log(name, "serving %s" % path)
-    while True:
-        _wait_for_host(fd)
-        log(name, "host connected")
-        Port(Channel(fd, name)).serve()
-        log(name, "host disconnected")
-
-
-def _wait_for_host(fd):
-    """Return once a host is connected to the port.
-
-    A virtio port without a host polls as HUP (and reads as EOF); with one, it polls writable.
-    What an earlier host left unread stays: the next Port skips it while it looks for an open.
-    """
-    poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLOUT)
-    while True:
-        events = poller.poll(0)
-        mask = events[0][1] if events else 0
-        if mask & select.POLLOUT and not mask & select.POLLHUP:
-            return
-        time.sleep(HOST_POLL_SECONDS)
+    channel = Channel(fd, name, reconnects=True)
+    channel.wait_for_host(None)
+    log(name, "host connected")
+    Port(channel).serve()
 
 
 def serve_listen(path):
