@@ -18,6 +18,7 @@ from blahvm.hypervisor.domain import (
     DiskSpec,
     GuestMetadata,
     GuestSpec,
+    SharedDir,
     build_domain_xml,
     guest_uuid,
     read_metadata,
@@ -104,6 +105,15 @@ CASES = {
         agent_sockets=(RUN + "/agent.0.sock",),
     ),
     "xen-hvm": spec(flavour="xen-hvm", agent_sockets=(RUN + "/agent.0.sock",)),
+    "kvm-tcg-workdir-share": spec(
+        flavour="kvm",
+        domain_type="qemu",
+        kernel="/var/lib/blahvm/images/vmlinuz",
+        initrd="/var/lib/blahvm/images/initrd.img",
+        cmdline="console=ttyS0 panic=-1 blahvm.workdir=2f686f6d652f636d733030312f6a6f62",
+        agent_sockets=(RUN + "/agent.0.sock",),
+        shares=(SharedDir("/home/cms001/my job's <dir> & ü", "blahvm-workdir"),),
+    ),
 }
 
 
@@ -185,6 +195,8 @@ def test_user_text_cannot_inject_elements():
         (dict(domain_type="auto"), "domain type 'auto'"),
         (dict(network="net'work"), "plain libvirt name"),
         (dict(agent_sockets=("/run/a\x00b",)), "control characters"),
+        (dict(shares=("/home/u",)), "SharedDir values"),
+        (dict(shares=(SharedDir("/a", "t"), SharedDir("/b", "t"))), "not distinct"),
     ],
 )
 def test_bad_spec_is_a_one_line_spec_error(changes, message):
@@ -192,6 +204,42 @@ def test_bad_spec_is_a_one_line_spec_error(changes, message):
         spec(**changes)
     assert "\n" not in str(caught.value)
     assert caught.value.outcome is Outcome.FAIL_JOB
+
+
+@pytest.mark.parametrize(
+    "source, tag, message",
+    [
+        ("home/u", "blahvm-workdir", "absolute path"),
+        ("/home/u\nx", "blahvm-workdir", "control characters"),
+        ("/home/u", "", "share tag"),
+        ("/home/u", "a" * 37, "share tag"),
+        ("/home/u", "a'b", "share tag"),
+    ],
+)
+def test_bad_share_is_a_spec_error(source, tag, message):
+    with pytest.raises(SpecError, match=re.escape(message)):
+        SharedDir(source, tag)
+
+
+def test_share_brings_the_shared_memfd_backing_and_nothing_else_does():
+    shared = lxml_etree.fromstring(build_domain_xml(CASES["kvm-tcg-workdir-share"]).encode())
+    assert shared.find("memoryBacking/source").get("type") == "memfd"
+    assert shared.find("memoryBacking/access").get("mode") == "shared"
+    (filesystem,) = shared.iterfind("devices/filesystem")
+    assert (filesystem.get("type"), filesystem.get("accessmode")) == ("mount", "passthrough")
+    assert filesystem.find("driver").get("type") == "virtiofs"
+    assert filesystem.find("source").get("dir") == "/home/cms001/my job's <dir> & ü"
+    assert filesystem.find("target").get("dir") == "blahvm-workdir"
+    plain = lxml_etree.fromstring(build_domain_xml(CASES["kvm-hw-disk-boot"]).encode())
+    assert plain.find("memoryBacking") is None and plain.find("devices/filesystem") is None
+
+
+@pytest.mark.parametrize("flavour", ["xen-pv", "xen-hvm"])
+def test_xen_guests_refuse_a_share(flavour):
+    xen = spec(flavour=flavour, shares=(SharedDir("/home/u", "blahvm-workdir"),))
+    with pytest.raises(SpecError, match=f"a {flavour} guest cannot share a host directory") as caught:
+        build_domain_xml(xen)
+    assert "\n" not in str(caught.value) and caught.value.outcome is Outcome.FAIL_JOB
 
 
 def test_bad_disk_format():

@@ -2,8 +2,9 @@
 
 ``build_domain_xml(spec)`` is pure: same spec, same bytes. What differs between KVM, Xen PV and
 Xen HVM lives in ``flavours``; what every blahvm guest has is here: ACPI, every exit ends the
-domain (``destroy``: a job's guest never reboots into a second life), disks, the agent channels,
-the optional job network, and the blahvm metadata that says whose guest it is.
+domain (``destroy``: a job's guest never reboots into a second life), disks, the shared
+directories (the job's own), the agent channels, the optional job network, and the blahvm metadata
+that says whose guest it is.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import xml.etree.ElementTree as ET
 
 from blahvm.hypervisor.flavours import FLAVOURS, Flavour
 from blahvm.hypervisor.metadata import GuestMetadata, metadata_element, read_metadata
-from blahvm.hypervisor.spec import DiskSpec, GuestSpec, guest_uuid
+from blahvm.hypervisor.spec import DiskSpec, GuestSpec, SharedDir, guest_uuid
 
 __all__ = [
     "DiskSpec",
     "GuestMetadata",
     "GuestSpec",
+    "SharedDir",
     "build_domain_xml",
     "guest_uuid",
     "read_metadata",
@@ -32,6 +34,9 @@ def build_domain_xml(spec: GuestSpec) -> str:
     ET.SubElement(domain, "uuid").text = spec.uuid
     ET.SubElement(domain, "metadata").append(metadata_element(spec.metadata))
     ET.SubElement(domain, "memory", unit="KiB").text = str(-(-int(spec.memory) // 1024))
+    backing = flavour.memory_backing(spec)
+    if backing is not None:
+        domain.append(backing)
     ET.SubElement(domain, "vcpu").text = str(spec.vcpus)
     bootloader = flavour.bootloader(spec)
     if bootloader is not None:
@@ -51,6 +56,7 @@ def _devices(flavour: Flavour, spec: GuestSpec) -> ET.Element:
     devices = ET.Element("devices")
     for index, disk in enumerate(spec.disks):
         devices.append(_disk(flavour, index, disk))
+    devices.extend(flavour.filesystem_elements(spec))
     if spec.network is not None:
         interface = ET.SubElement(devices, "interface", type="network")
         ET.SubElement(interface, "source", network=spec.network)

@@ -1,9 +1,9 @@
 """One class per guest flavour, one contract: what differs between KVM, Xen PV and Xen HVM guests.
 
 ``domain.build_domain_xml`` asks the flavour registered under ``spec.flavour`` for the parts that
-differ (domain type, ``<os>``, disk targets, console, channel target, network model, extra
-devices) and assembles the rest the same way for every flavour. A new flavour is a new class in
-``FLAVOURS``, not another branch in the builder.
+differ (domain type, ``<os>``, memory backing, disk targets, shared directories, console, channel
+target, network model, extra devices) and assembles the rest the same way for every flavour.
+A new flavour is a new class in ``FLAVOURS``, not another branch in the builder.
 """
 
 from __future__ import annotations
@@ -53,6 +53,17 @@ class Flavour:
     def extra_devices(self, spec: GuestSpec) -> List[ET.Element]:
         return []
 
+    def memory_backing(self, spec: GuestSpec) -> Optional[ET.Element]:
+        return None
+
+    def filesystem_elements(self, spec: GuestSpec) -> List[ET.Element]:
+        """One device per shared directory; flavours that cannot share refuse any."""
+        if spec.shares:
+            raise SpecError(
+                f"a {self.name} guest cannot share a host directory yet (virtiofs is for the kvm flavour only)"
+            )
+        return []
+
 
 class Kvm(Flavour):
     """KVM, or QEMU's TCG where KVM cannot run guests (``spec.domain_type``)."""
@@ -86,6 +97,26 @@ class Kvm(Flavour):
             serial = ET.Element("serial", type="pty")
         ET.SubElement(serial, "target", port="0")
         return [serial]
+
+    def memory_backing(self, spec: GuestSpec) -> Optional[ET.Element]:
+        # virtiofsd maps the guest's RAM to serve it: memory must be a shareable memfd.
+        if not spec.shares:
+            return None
+        backing = ET.Element("memoryBacking")
+        ET.SubElement(backing, "source", type="memfd")
+        ET.SubElement(backing, "access", mode="shared")
+        return backing
+
+    def filesystem_elements(self, spec: GuestSpec) -> List[ET.Element]:
+        # passthrough: virtiofsd acts with the credentials of the guest process that asks.
+        elements = []
+        for share in spec.shares:
+            filesystem = ET.Element("filesystem", type="mount", accessmode="passthrough")
+            ET.SubElement(filesystem, "driver", type="virtiofs")
+            ET.SubElement(filesystem, "source", dir=share.source)
+            ET.SubElement(filesystem, "target", dir=share.tag)
+            elements.append(filesystem)
+        return elements
 
     def extra_devices(self, spec: GuestSpec) -> List[ET.Element]:
         # No balloon: the guest's memory is its slot's, and the driver only costs boot time.

@@ -8,6 +8,7 @@ instead of a malformed domain.
 from __future__ import annotations
 
 import os
+import re
 import uuid as uuidlib
 from typing import Optional, Tuple
 
@@ -22,6 +23,7 @@ from blahvm.quantities import Size
 DISK_FORMATS = ("qcow2", "raw")
 GUEST_DOMAIN_TYPES = ("kvm", "qemu")  # resolved: "auto" is decided before a spec is built
 AGENT_PORT = "org.blahvm.agent.{}"
+_SHARE_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,35}\Z")  # virtiofs tags: at most 36 bytes
 
 
 def _check_path(what: str, path: Optional[str]) -> None:
@@ -52,6 +54,19 @@ class DiskSpec:
             raise SpecError(f"disk format {self.format!r} is not one of {', '.join(DISK_FORMATS)}")
 
 
+@attrs.frozen
+class SharedDir:
+    """A host directory the guest mounts by ``tag`` (virtiofs; the kvm flavour only, for now)."""
+
+    source: str
+    tag: str
+
+    def __attrs_post_init__(self) -> None:
+        _check_path("shared directory", self.source)
+        if not isinstance(self.tag, str) or not _SHARE_TAG.match(self.tag):
+            raise SpecError(f"share tag {self.tag!r} is not a plain name of at most 36 characters")
+
+
 def guest_uuid(name: str) -> str:
     """A UUID fixed by the guest name, so re-running ``prepare`` redefines the same domain."""
     return str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, "https://blahvm.org/guest/" + name))
@@ -69,6 +84,7 @@ class GuestSpec:
     disks: Tuple[DiskSpec, ...]
     metadata: GuestMetadata
     agent_sockets: Tuple[str, ...] = ()  # host-side UNIX sockets; port i is org.blahvm.agent.<i>
+    shares: Tuple[SharedDir, ...] = ()  # host directories the guest mounts by tag
     kernel: Optional[str] = None
     initrd: Optional[str] = None
     cmdline: Optional[str] = None
@@ -98,6 +114,7 @@ class GuestSpec:
             )
         for path in self.agent_sockets:
             _check_path("agent socket", path)
+        self._check_shares()
         for what in ("kernel", "initrd", "bootloader", "serial_log"):
             _check_path(what, getattr(self, what))
         _check_line("kernel command line", self.cmdline)
@@ -111,6 +128,13 @@ class GuestSpec:
             raise SpecError("a bootloader (pygrub) is for the xen-pv flavour only")
         if self.bootloader is not None and self.kernel is not None:
             raise SpecError("give either a bootloader or a kernel, not both")
+
+    def _check_shares(self) -> None:
+        if not all(isinstance(share, SharedDir) for share in self.shares):
+            raise SpecError("shares must be SharedDir values")
+        tags = [share.tag for share in self.shares]
+        if len(set(tags)) != len(tags):
+            raise SpecError(f"share tags {tags} are not distinct")
 
     @property
     def agent_ports(self) -> Tuple[Tuple[str, str], ...]:

@@ -43,6 +43,9 @@ def launch(
 ) -> int:
     """Run ``argv`` in the job's guest as the job's user; its exit code (signal N: 128+N).
 
+    ``cwd`` defaults to the job's working directory, which ``prepare`` mounted at the same path
+    in the guest.
+
     If the payload cannot be started at all, a one-line reason goes to ``stderr`` and the result
     is ``LAUNCH_FAILED`` (255).
     """
@@ -50,7 +53,7 @@ def launch(
         run_dir = job_names(config, job.job_id).run_dir
         with client.acquire_port(run_dir, timeout=ready_timeout) as socket_path:
             return client.run_payload(
-                socket_path, argv, env=env, cwd=cwd, uid=job.uid, gid=job.gid,
+                socket_path, argv, env=env, cwd=job.workdir if cwd is None else cwd, uid=job.uid, gid=job.gid,
                 stdin=stdin, stdout=stdout, stderr=stderr, ready_timeout=ready_timeout,
             )
     except (client.AgentError, SpecError) as error:

@@ -2,6 +2,9 @@
 
 Every name is recorded in the ledger before the thing it names is made, so a crash at any point
 leaves a trail that a re-run of ``prepare``, ``teardown`` or ``reap`` follows to clean up.
+
+A job with a working directory gets it shared into the guest (virtiofs) and mounted at the same
+path there; see docs/jobfiles.md for what is checked and why.
 """
 
 from __future__ import annotations
@@ -9,16 +12,27 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import stat
 import time
 from typing import Optional
+
+import attrs
 
 from blahvm.guest import client
 from blahvm.hypervisor import guests
 from blahvm.hypervisor.connection import Connection
-from blahvm.hypervisor.domain import DiskSpec, GuestMetadata, GuestSpec, build_domain_xml, guest_uuid
+from blahvm.hypervisor.domain import (
+    DiskSpec,
+    GuestMetadata,
+    GuestSpec,
+    SharedDir,
+    build_domain_xml,
+    guest_uuid,
+)
 from blahvm.hypervisor.errors import HypervisorError
 from blahvm.hypervisor.images import ImageInfo, verify_image
 from blahvm.hypervisor.kvm import resolve_domain_type
+from blahvm.image import guest_init
 from blahvm.ledger import Entry, Ledger, LedgerError, NoCapacity, State, owner_alive
 from blahvm.lifecycle._common import (
     JobNames,
@@ -45,9 +59,12 @@ def prepare(config: SiteConfig, job: Job, *, ready_timeout: Optional[float] = DE
     try:
         names = job_names(config, job.job_id)
         environment = _environment(config, job)
+        workdir = _job_workdir(job, environment)
         golden = verify_image(environment.name, environment.image, environment.sha256, config.host.state_dir)
         with Ledger(config.host) as ledger, connect(config) as conn:
-            return _Preparation(config, job, environment, golden, names, ledger, conn, ready_timeout).run()
+            return _Preparation(
+                config, job, environment, golden, names, ledger, conn, ready_timeout, workdir
+            ).run()
     except Refusal as refusal:
         return PrepareResult(refusal.outcome, refusal.message, job.job_id)
     except HypervisorError as error:
@@ -74,8 +91,59 @@ def _environment(config: SiteConfig, job: Job) -> Environment:
     return environment
 
 
+@attrs.frozen
+class _Workdir:
+    """The job's directory: where the guest mounts it, and the host directory that is shared."""
+
+    guest_path: str
+    host_path: str  # the guest path with symlinks resolved, as checked
+
+
+def _job_workdir(job: Job, environment: Environment) -> Optional[_Workdir]:
+    """The job's directory, checked: absolute, an existing directory owned by the job's user.
+
+    Owned, not merely writable: a guest's root can do anything inside the share (docs/jobfiles.md),
+    so only a directory that is the user's own is ever exported.
+    """
+    if job.workdir is None:
+        return None
+    path = job.workdir.rstrip("/") or "/"
+    problem = _plain_path_problem(path) or _ownership_problem(path, job.uid) or _boot_problem(environment)
+    if problem is not None:
+        raise Refusal(Outcome.FAIL_JOB, f"job {job.job_id}: working directory {path!r}: {problem}")
+    return _Workdir(guest_path=path, host_path=os.path.realpath(path))
+
+
+def _plain_path_problem(path: str) -> Optional[str]:
+    try:
+        guest_init.check_workdir(path)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _ownership_problem(path: str, uid: Optional[int]) -> Optional[str]:
+    if uid is None:
+        return "cannot be checked: the job has no uid"
+    try:
+        status = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return "does not exist"
+    if not stat.S_ISDIR(status.st_mode):
+        return "is not a directory"
+    if status.st_uid != uid:
+        return f"is owned by uid {status.st_uid}, not by the job's uid {uid}"
+    return None
+
+
+def _boot_problem(environment: Environment) -> Optional[str]:
+    if environment.kernel is None:  # the mount point travels on the kernel command line
+        return f"environment {environment.name} boots its own kernel, so its guest cannot be told where to mount it"
+    return None
+
+
 class _Preparation:
-    def __init__(self, config, job, environment, golden, names, ledger, conn, ready_timeout) -> None:
+    def __init__(self, config, job, environment, golden, names, ledger, conn, ready_timeout, workdir) -> None:
         self.config: SiteConfig = config
         self.job: Job = job
         self.environment: Environment = environment
@@ -84,6 +152,7 @@ class _Preparation:
         self.ledger: Ledger = ledger
         self.conn: Connection = conn
         self.ready_timeout: Optional[float] = ready_timeout
+        self.workdir: Optional[_Workdir] = workdir
 
     def run(self) -> PrepareResult:
         existing = self.ledger.get(self.job.job_id)
@@ -204,13 +273,26 @@ class _Preparation:
             disks=disks,
             metadata=metadata,
             agent_sockets=(self.names.socket,),
+            shares=self._shares(),
             kernel=env.kernel,
             initrd=env.initrd,
-            cmdline=env.cmdline,
+            cmdline=self._cmdline(),
             bootloader=env.bootloader,
             network=env.network,
             domain_type=resolve_domain_type(self.config.hypervisor.domain_type),
         )
+
+    def _shares(self) -> tuple:
+        if self.workdir is None:
+            return ()
+        return (SharedDir(self.workdir.host_path, guest_init.WORKDIR_TAG),)
+
+    def _cmdline(self) -> Optional[str]:
+        """The environment's kernel command line, plus where stage two mounts the job's directory."""
+        if self.workdir is None:
+            return self.environment.cmdline
+        argument = guest_init.workdir_argument(self.workdir.guest_path)
+        return " ".join(part for part in (self.environment.cmdline, argument) if part)
 
     def _hand_over_socket(self) -> None:
         """Give the socket, then its directory, to the job's user (drivers without channels make none)."""
