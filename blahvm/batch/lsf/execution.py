@@ -1,0 +1,325 @@
+"""PRE_EXEC, JOB_STARTER and POST_EXEC on the execution host.
+
+Where the facts come from (docs/lsf.md, "Trust"): the queue is ``$LSB_QUEUE`` and the job id
+``$LSB_JOBID``/``$LSB_JOBINDEX``, which sbatchd sets itself over anything the user submitted; the
+user is the process's own when the hook runs as the job user, else ``$LSFUSER`` (then ``$USER``),
+which sbatchd sets for the job; the group is that user's primary group from the password
+database; the project is ``$LSB_PROJECT_NAME`` (LSF's ``default`` project counts as none); the
+cores are this host's share of ``$LSB_MCPU_HOSTS`` (else ``$LSB_HOSTS``). The esub's
+``BLAHVM_ENVIRONMENT``, ``BLAHVM_WALLTIME``, ``BLAHVM_MEMORY`` and ``BLAHVM_SUBMIT_QUEUE`` are only
+the user's request, exactly as if typed at ``bsub``: the routing rules grant or refuse it again
+here, and the decision must land in the queue LSF actually runs the job in.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import sys
+from typing import Mapping, Optional, Sequence, Tuple, Union
+
+from blahvm.batch.lsf import PRE_EXEC_FAIL_JOB, PRE_EXEC_OK, PRE_EXEC_RETRY, STARTER_FAILED
+
+_JOB_ID = re.compile(r"[0-9]{1,20}\Z")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
+_INTERPRETER = re.compile(r"/[A-Za-z0-9/._+-]+\Z")
+LSF_DEFAULT_PROJECT = "default"
+
+
+class NotRunnable(Exception):
+    """This job can never run here (FAIL_JOB), with a one-line reason."""
+
+
+def _say(message: str) -> None:
+    try:
+        os.write(2, f"blahvm: {' '.join(str(message).split())}\n".encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def job_id_of(environ: Mapping[str, str]) -> str:
+    """``123`` or, for an array element, ``123[4]``."""
+    job = environ.get("LSB_JOBID", "")
+    if not _JOB_ID.match(job):
+        raise NotRunnable(f"LSB_JOBID={job!r} is not an LSF job id")
+    index = environ.get("LSB_JOBINDEX", "0") or "0"
+    if not _JOB_ID.match(index):
+        raise NotRunnable(f"LSB_JOBINDEX={index!r} is not an array index")
+    return job if int(index) == 0 else f"{job}[{int(index)}]"
+
+
+def job_user(environ: Mapping[str, str]) -> pwd.struct_passwd:
+    uid = os.getuid()
+    if uid != 0:
+        try:
+            return pwd.getpwuid(uid)
+        except KeyError:
+            raise NotRunnable(f"uid {uid} has no name on this host") from None
+    name = environ.get("LSFUSER") or environ.get("USER") or ""
+    try:
+        return pwd.getpwnam(name)
+    except (KeyError, ValueError):
+        raise NotRunnable(f"the job's user {name!r} (LSFUSER) does not exist on this host") from None
+
+
+def cores_here(environ: Mapping[str, str]) -> Optional[int]:
+    words = environ.get("LSB_MCPU_HOSTS", "").split()
+    if len(words) >= 2 and words[1].isdigit():
+        return int(words[1])
+    hosts = environ.get("LSB_HOSTS", "").split()
+    return hosts.count(hosts[0]) if hosts else None
+
+
+def _hint_int(environ: Mapping[str, str], name: str) -> Optional[int]:
+    value = environ.get(name, "").strip().strip('"')
+    if not value:
+        return None
+    if not value.isdigit() or len(value) > 20:
+        raise NotRunnable(f"{name}={value!r} is not a whole number")
+    return int(value)
+
+
+def _hint_name(environ: Mapping[str, str], name: str) -> Optional[str]:
+    value = environ.get(name, "").strip().strip('"')
+    if not value:
+        return None
+    if not _NAME.match(value):
+        raise NotRunnable(f"{name}={value!r} is not a name")
+    return value
+
+
+def workdir_of(environ: Mapping[str, str], uid: int) -> Optional[str]:
+    """The submission directory, shared with the guest only if it is the user's own directory."""
+    path = environ.get("LS_SUBCWD", "")
+    if not path.startswith("/"):
+        return None
+    try:
+        status = os.lstat(path)
+    except (OSError, ValueError):
+        return None
+    import stat
+
+    return path if stat.S_ISDIR(status.st_mode) and status.st_uid == uid and uid != 0 else None
+
+
+def land_in_queue(config, submission, queue: str, submit_queue: Optional[str]):
+    """The decision the rules give ``submission`` that runs in ``queue``, else a Rejection.
+
+    LSF runs a job in the queue the esub chose, which is usually not the one the user submitted
+    to (``grid`` routes to ``short``). So the submission is routed as if submitted to the queue the
+    user named (``submit_queue``, a hint), to ``queue`` itself, then to each configured queue in
+    order; the first decision whose queue is ``queue`` wins. Whatever the hints say, the result
+    is a decision the rules give to some submission with the vouched facts that lands in ``queue``.
+    """
+    from blahvm.model import Rejection
+    from blahvm.routing.engine import route
+
+    if queue not in config.queues:
+        return Rejection(reason=f"queue {queue!r} is not one of blahvm's queues")
+    order = [q for q in (submit_queue, queue) if q in config.queues]
+    order += [q for q in config.queues if q not in order]
+    first_refusal = None
+    for candidate in order:
+        decision = route(config, submission.__class__(**{**_fields(submission), "queue": candidate}))
+        if isinstance(decision, Rejection):
+            first_refusal = first_refusal or decision
+            continue
+        if decision.queue == queue:
+            return decision
+    reason = first_refusal.reason if first_refusal else "the rules send it elsewhere"
+    return Rejection(reason=f"no route puts this job in queue {queue}: {reason}")
+
+
+def _fields(submission) -> dict:
+    import attrs
+
+    return attrs.asdict(submission, recurse=False)
+
+
+def lsf_job(config, environ: Mapping[str, str]):
+    """The ``Job`` this host runs for the LSF job in ``environ`` (raises NotRunnable)."""
+    from blahvm.model import Job, Rejection, Submission
+    from blahvm.quantities import Duration, Size
+
+    job_id = job_id_of(environ)
+    queue = environ.get("LSB_QUEUE", "")
+    if not queue:
+        raise NotRunnable(f"job {job_id}: LSB_QUEUE is not set")
+    account = pwd_entry = job_user(environ)
+    import grp
+
+    try:
+        group = grp.getgrgid(account.pw_gid).gr_name
+    except KeyError:
+        group = None
+    project = environ.get("LSB_PROJECT_NAME") or None
+    walltime = _hint_int(environ, "BLAHVM_WALLTIME")
+    memory = _hint_int(environ, "BLAHVM_MEMORY")
+    submission = Submission(
+        queue=queue, user=pwd_entry.pw_name, group=group,
+        account=None if project == LSF_DEFAULT_PROJECT else project,
+        walltime=None if walltime is None else Duration(walltime),
+        memory=None if memory is None else Size(memory),
+        cores=cores_here(environ),
+        environment=_hint_name(environ, "BLAHVM_ENVIRONMENT"),
+        name=environ.get("LSB_JOBNAME") or None,
+    )
+    decision = land_in_queue(config, submission, queue, _hint_name(environ, "BLAHVM_SUBMIT_QUEUE"))
+    if isinstance(decision, Rejection):
+        raise NotRunnable(f"job {job_id}: {decision.reason}")
+    return Job(job_id=job_id, user=pwd_entry.pw_name, decision=decision, uid=account.pw_uid,
+               gid=account.pw_gid, workdir=workdir_of(environ, account.pw_uid), name=submission.name)
+
+
+def _load(config_path: str):
+    from blahvm.config import load_config
+
+    return load_config(config_path)
+
+
+def _config_problem(error: Exception) -> str:
+    problems = getattr(error, "problems", None) or [str(error)]
+    return f"the blahvm config {' '.join(str(problems[0]).split())}{' ...' if len(problems) > 1 else ''}"
+
+
+# -- PRE_EXEC ------------------------------------------------------------------------------------
+
+def pre_exec(config: str, environ: Optional[Mapping[str, str]] = None) -> int:
+    """Prepare the job's guest: 0 to run, 1 to re-pend (elsewhere, later), 99 to end the job."""
+    from blahvm.batch.hook import run_hook
+
+    environ = os.environ if environ is None else environ
+    return run_hook("pre-exec", lambda: _pre_exec(config, environ), on_error=PRE_EXEC_RETRY)
+
+
+def _pre_exec(config_path: str, environ: Mapping[str, str]) -> int:
+    from blahvm.batch.log import log_event
+    from blahvm.errors import ConfigError
+    from blahvm.lifecycle import prepare
+    from blahvm.model import Outcome
+
+    try:
+        config = _load(config_path)
+    except ConfigError as error:
+        log_event("pre-exec", f"{_config_problem(error)}: re-pending", job_id=environ.get("LSB_JOBID"))
+        return PRE_EXEC_RETRY
+    log_file = config.host.log_file
+    try:
+        job = lsf_job(config, environ)
+    except NotRunnable as error:
+        log_event("pre-exec", f"{error}: ending the job", job_id=environ.get("LSB_JOBID"), log_file=log_file)
+        _say(str(error))
+        return PRE_EXEC_FAIL_JOB
+    result = prepare(config, job)
+    code = {Outcome.OK: PRE_EXEC_OK, Outcome.RETRY_ELSEWHERE: PRE_EXEC_RETRY}.get(result.outcome, PRE_EXEC_FAIL_JOB)
+    log_event("pre-exec", f"{result.outcome.value}: {result.message} (exit {code})", job_id=job.job_id,
+              user=job.user, vo=job.decision.vo, guest=result.guest, log_file=log_file)
+    if code:
+        _say(result.message)
+    return code
+
+
+# -- JOB_STARTER ---------------------------------------------------------------------------------
+
+def payload(argv: Sequence[str]) -> Tuple[list, Optional[str]]:
+    """(argv to run in the guest, a script file to feed it on stdin or None).
+
+    LSF hands the starter either the user's command, already split, or for a script job a single
+    path ``$LSB_JOBFILENAME.shell``: that file's lines are not on the guest, so its text is fed to
+    the interpreter its ``#!`` line names (``/bin/sh`` without one) on stdin.
+    """
+    if len(argv) == 1 and argv[0].endswith(".shell") and os.path.isfile(argv[0]):
+        interpreter = ["/bin/sh"]
+        try:
+            with open(argv[0], "rb") as stream:
+                first = stream.readline(256).decode("utf-8", "replace")
+        except OSError as error:
+            raise NotRunnable(f"cannot read the job file {argv[0]!r}: {error.strerror}") from None
+        if first.startswith("#!"):
+            words = first[2:].split()
+            if words and _INTERPRETER.match(words[0]) and len(words) <= 2:
+                interpreter = words
+        return interpreter, argv[0]
+    return list(argv), None
+
+
+def job_starter(config: str, argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, str]] = None) -> int:
+    """Run what LSF hands over inside the job's guest; the payload's exit status (255: it never ran)."""
+    from blahvm.batch.hook import run_hook
+
+    environ = os.environ if environ is None else environ
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_hook("job-starter", lambda: _job_starter(config, argv, environ), on_error=STARTER_FAILED)
+
+
+def _job_starter(config_path: str, argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    from blahvm.batch.log import log_event
+    from blahvm.errors import ConfigError
+    from blahvm.lifecycle import launch
+
+    if not argv:
+        _say("the job starter got no command (JOB_STARTER = blahvm-job-starter, LSF appends the job's command)")
+        return STARTER_FAILED
+    try:
+        config = _load(config_path)
+    except ConfigError as error:
+        _say(f"{_config_problem(error)}: the job did not run")
+        return STARTER_FAILED
+    try:
+        job = lsf_job(config, environ)
+        command, script = payload(argv)
+    except NotRunnable as error:
+        _say(f"{error}: the job did not run")
+        return STARTER_FAILED
+    env = {}
+    for key, value in environ.items():
+        try:
+            key.encode("utf-8"), value.encode("utf-8")
+        except UnicodeEncodeError:
+            continue
+        env[key] = value
+    stdin_fd = None
+    try:
+        if script is not None:
+            stdin_fd = os.open(script, os.O_RDONLY)
+        code = launch(config, job, command, env=env, stdin=0 if stdin_fd is None else stdin_fd)
+    finally:
+        if stdin_fd is not None:
+            os.close(stdin_fd)
+    log_event("job-starter", f"payload exited {code}", job_id=job.job_id, user=job.user, vo=job.decision.vo,
+              log_file=config.host.log_file)
+    return code
+
+
+# -- POST_EXEC -----------------------------------------------------------------------------------
+
+def post_exec(config: str, environ: Optional[Mapping[str, str]] = None) -> int:
+    """Tear the job's guest down. 0 when nothing is left, 1 otherwise; LSF is never asked to act on it."""
+    from blahvm.batch.hook import run_hook
+
+    environ = os.environ if environ is None else environ
+    return run_hook("post-exec", lambda: _post_exec(config, environ), on_error=1)
+
+
+def _post_exec(config_path: str, environ: Mapping[str, str]) -> int:
+    from blahvm.batch.log import log_event
+    from blahvm.errors import ConfigError
+    from blahvm.lifecycle import teardown
+    from blahvm.model import Outcome
+
+    try:
+        config = _load(config_path)
+    except ConfigError as error:
+        log_event("post-exec", f"{_config_problem(error)}: nothing torn down (blahvm reap will)",
+                  job_id=environ.get("LSB_JOBID"))
+        return 1
+    try:
+        job_id = job_id_of(environ)
+    except NotRunnable as error:
+        log_event("post-exec", str(error), log_file=config.host.log_file)
+        return 1
+    result = teardown(config, job_id)
+    log_event("post-exec", f"{result.outcome.value}: {result.message}", job_id=job_id,
+              user=environ.get("LSFUSER"), log_file=config.host.log_file)
+    return 0 if result.outcome is Outcome.OK else 1

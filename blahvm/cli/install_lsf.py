@@ -1,0 +1,82 @@
+"""``blahvm install lsf --serverdir DIR``: the esub, the elim and the execution-host hooks for LSF."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ESUB = "esub.blahvm"  # made mandatory with LSB_ESUB_METHOD=blahvm; also run by bsub -a "blahvm(ENV)"
+ELIM_NAMES = ("elim.blahvm", "elim")  # IBM LSF runs every elim.NAME; openlava-family LSF only 'elim'
+PRE_EXEC, JOB_STARTER, POST_EXEC = "blahvm-pre-exec", "blahvm-job-starter", "blahvm-post-exec"
+
+
+def add_parser(systems) -> None:
+    parser = systems.add_parser(
+        "lsf", help="esub, elim, PRE_EXEC, JOB_STARTER and POST_EXEC for LSF (docs/lsf.md)",
+        description="Write blahvm's LSF hooks into LSF_SERVERDIR with the config path fixed into them: "
+                    f"{ESUB}, the elim, {PRE_EXEC}, {JOB_STARTER} and {POST_EXEC}. Then add the "
+                    "lsf.conf, lsf.shared, lsf.cluster, lsb.queues and lsf.sudoers lines of docs/lsf.md.",
+    )
+    parser.add_argument("--serverdir", required=True, metavar="DIR", help="LSF_SERVERDIR")
+    parser.add_argument("--config", metavar="FILE", help="site config the hooks use "
+                        "(default: $BLAHVM_CONFIG, else /etc/blahvm/site.yaml)")
+    parser.add_argument("--cache-dir", metavar="DIR", help="where the compiled route table is kept for the esub "
+                        "(default /var/cache/blahvm)")
+    parser.add_argument("--on-broken-config", choices=("reject", "accept"), default="reject",
+                        help="what the esub does when blahvm cannot route at all (a broken config): reject "
+                             "the job with the reason (default) or let it through unrouted with a warning")
+    parser.add_argument("--elim-name", choices=ELIM_NAMES, default="elim.blahvm",
+                        help="'elim' for openlava/volclava, which run only a file of that exact name "
+                             "(default elim.blahvm, for IBM LSF)")
+    parser.add_argument("--elim-interval", type=float, default=15.0, metavar="SECONDS",
+                        help="how often the elim samples (default 15, LIM's own period)")
+    parser.add_argument("--python", metavar="PATH", default=sys.executable,
+                        help="the interpreter the hooks run on; every LSF user must be able to execute it "
+                             f"(default {sys.executable})")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from blahvm.batch.install import hook_script, install_file
+    from blahvm.cli.common import fail, report_config_error, resolved_config_path
+    from blahvm.config import load_config
+    from blahvm.errors import ConfigError
+    from blahvm.locations import DEFAULT_CACHE_DIR
+    from blahvm.routing.fast import load_table
+
+    config = os.path.abspath(resolved_config_path(args))
+    cache_dir = os.path.abspath(args.cache_dir) if args.cache_dir else DEFAULT_CACHE_DIR
+    if not os.path.isdir(args.serverdir):
+        return fail(f"install lsf: --serverdir {args.serverdir!r} is not a directory")
+    if not (os.path.isfile(args.python) and os.access(args.python, os.X_OK)):
+        return fail(f"install lsf: --python {args.python!r} is not an executable file")
+    if args.elim_interval <= 0:
+        return fail("install lsf: --elim-interval must be positive")
+    try:
+        load_config(config)
+        load_table(config, cache_dir)  # compiled now, as root: every esub then starts from the cache
+    except ConfigError as error:
+        return report_config_error(error)
+
+    def script(module: str, function: str, extra=None) -> str:
+        text = hook_script("lsf", module, function, config, extra)
+        first, rest = text.split("\n", 1)
+        return f"#!{args.python} -IS\n{rest}" if first == f"#!{sys.executable} -IS" else text
+
+    hooks = {
+        ESUB: script("blahvm.batch.lsf.esub", "main", {"cache_dir": cache_dir, "on_broken": args.on_broken_config}),
+        args.elim_name: script("blahvm.batch.lsf.elim", "elim", {"interval": args.elim_interval}),
+        PRE_EXEC: script("blahvm.batch.lsf.execution", "pre_exec"),
+        JOB_STARTER: script("blahvm.batch.lsf.execution", "job_starter"),
+        POST_EXEC: script("blahvm.batch.lsf.execution", "post_exec"),
+    }
+    try:
+        for name, text in hooks.items():
+            install_file(os.path.join(args.serverdir, name), text, 0o755)
+    except OSError as error:
+        return fail(f"install lsf: cannot write into {args.serverdir}: {error.strerror or error}")
+    for name in hooks:
+        print(os.path.join(args.serverdir, name))
+    print(f"blahvm: LSF hooks installed with config {config}; see docs/lsf.md for the LSF side", file=sys.stderr)
+    return 0

@@ -1,0 +1,148 @@
+"""Run blahvm's installed LSF hooks the way LSF runs them (observed on volclava 2.2, see
+/work/shared/reference/observed-real-batch.md): each in its own process, with LSF's argv,
+environment, files, user, working directory and stdio.
+
+- esub: as the submitting user (``nobody``), cwd = the submit directory, argv = its path only,
+  stdin /dev/null, the user's environment plus ``LSB_SUB_ABORT_VALUE=97``, ``LSB_SUB_PARM_FILE``
+  (``.lsbsubparm.<pid>``, mode 0666) and the not yet existing modify and env files.
+- PRE_EXEC / POST_EXEC: ``/bin/sh -c STRING`` as root (``LSB_PRE_POST_EXEC_USER=root`` in
+  lsf.sudoers), cwd /tmp, stdio /dev/null, ``PATH=/bin:/usr/bin:/sbin:/usr/sbin``, no HOME, plus
+  the job's environment; POST_EXEC also ``LS_EXEC_T=END`` and ``LSB_JOBEXIT_STAT``.
+- JOB_STARTER: pasted in front of the user's command line and run by ``/bin/sh -c`` as the user,
+  in the job's cwd, stdin /dev/null, output to the job's output files.
+- elim: as root, cwd /tmp, ``LSF_RESOURCES`` and ``ELIM_ABORT_VALUE`` set, read line by line.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shlex
+import subprocess
+import sys
+import tempfile
+from typing import Dict, Optional
+
+import attrs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYSTEM_PYTHON = "/usr/bin/python3"  # the venv's interpreter lives under /root, which nobody cannot reach
+LSF_PATH = "/bin:/usr/bin:/sbin:/usr/sbin"
+ABORT = 97
+
+
+def install(serverdir: str, config: str, cache_dir: str, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "blahvm.cli.main", "install", "lsf", "--serverdir", serverdir, "--config", config,
+         "--cache-dir", cache_dir, "--python", SYSTEM_PYTHON, *options],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+
+
+def user_env(user: str) -> Dict[str, str]:
+    entry = pwd.getpwnam(user)
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": entry.pw_dir, "USER": user, "LOGNAME": user,
+            "SHELL": entry.pw_shell, "LANG": "C.UTF-8"}
+
+
+def _as(user: str) -> dict:
+    entry = pwd.getpwnam(user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
+@attrs.frozen
+class EsubRun:
+    code: int
+    stdout: bytes
+    stderr: str
+    modify: Optional[str]  # the modify file's text, None if the esub wrote none
+    envfile: Optional[str]
+
+
+def run_esub(serverdir: str, params: str, user: str = "nobody", env: Optional[Dict[str, str]] = None,
+             esub: str = "esub.blahvm", timeout: float = 60) -> EsubRun:
+    entry = pwd.getpwnam(user)
+    directory = tempfile.mkdtemp(prefix="blahvm-lsf-sub-", dir="/var/tmp")
+    try:
+        os.chown(directory, entry.pw_uid, entry.pw_gid)  # the submit directory, the user's own
+        pid = os.getpid()
+        parm = os.path.join(directory, f".lsbsubparm.{pid}")
+        with open(parm, "w", encoding="utf-8", errors="surrogateescape") as stream:
+            stream.write(params)
+        os.chmod(parm, 0o666)
+        modify = os.path.join(directory, f".lsbsubdeltaparm.{pid}.{entry.pw_uid}")
+        envfile = os.path.join(directory, f".lsbsubdeltaenv.{pid}.{entry.pw_uid}")
+        environ = user_env(user)
+        environ.update(env or {})
+        environ.update(LSB_SUB_ABORT_VALUE=str(ABORT), LSB_SUB_PARM_FILE=parm, LSB_SUB_MODIFY_FILE=modify,
+                       LSB_SUB_MODIFY_ENVFILE=envfile, LSB_UNIXGROUP=str(entry.pw_gid))
+        path = os.path.join(serverdir, esub)
+        result = subprocess.run([path], env=environ, cwd=directory, stdin=subprocess.DEVNULL,
+                                capture_output=True, timeout=timeout, **_as(user))
+
+        def text(p):
+            try:
+                with open(p) as stream:
+                    return stream.read()
+            except FileNotFoundError:
+                return None
+
+        return EsubRun(result.returncode, result.stdout, result.stderr.decode("utf-8", "replace"),
+                       text(modify), text(envfile))
+    finally:
+        subprocess.run(["rm", "-rf", directory])
+
+
+def env_lines(text: Optional[str]) -> Dict[str, str]:
+    """What LSF puts in the job's environment from the esub's env file."""
+    out = {}
+    for line in (text or "").splitlines():
+        name, _, value = line.partition("=")
+        out[name] = value
+    return out
+
+
+def job_env(job_id: str, queue: str, user: str, hints: Dict[str, str], **extra: str) -> Dict[str, str]:
+    """The environment LSF gives a job's pre/post-exec and starter: the user's, the esub's hints,
+    then what sbatchd sets itself."""
+    environ = user_env(user)
+    environ.update(hints)
+    environ.update(LSB_JOBID=job_id, LSB_QUEUE=queue, LSFUSER=user, LSB_HOSTS="localhost",
+                   LSB_MCPU_HOSTS="localhost 1", LSB_JOBNAME="lj1", LSB_EXIT_PRE_ABORT="99",
+                   LSB_JOBINDEX="0")
+    environ.update(extra)
+    return environ
+
+
+def _pre_post(serverdir: str, hook: str, environ: Dict[str, str], timeout: float) -> int:
+    environ = dict(environ)
+    environ.pop("HOME", None)
+    environ["PATH"] = LSF_PATH
+    command = shlex.quote(os.path.join(serverdir, hook))
+    return subprocess.run(["/bin/sh", "-c", command], env=environ, cwd="/tmp", stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout).returncode
+
+
+def run_pre_exec(serverdir: str, environ: Dict[str, str], timeout: float = 300) -> int:
+    return _pre_post(serverdir, "blahvm-pre-exec", environ, timeout)
+
+
+def run_post_exec(serverdir: str, environ: Dict[str, str], exit_status: int, timeout: float = 300) -> int:
+    return _pre_post(serverdir, "blahvm-post-exec",
+                     dict(environ, LS_EXEC_T="END", LSB_JOBEXIT_STAT=str(exit_status << 8)), timeout)
+
+
+def run_job_starter(serverdir: str, environ: Dict[str, str], command_line: str, user: str, cwd: str,
+                    timeout: float = 300) -> subprocess.CompletedProcess:
+    """JOB_STARTER pasted textually in front of the user's command line, run by /bin/sh -c as the user."""
+    starter = os.path.join(serverdir, "blahvm-job-starter")
+    return subprocess.run(["/bin/sh", "-c", f"{shlex.quote(starter)} {command_line}"],
+                          env=dict(environ, LS_EXEC_T="START"), cwd=cwd, stdin=subprocess.DEVNULL,
+                          capture_output=True, timeout=timeout, **_as(user))
+
+
+def start_elim(serverdir: str, name: str, resources: str, abort: int = 5) -> subprocess.Popen:
+    return subprocess.Popen([os.path.join(serverdir, name)], cwd="/tmp", stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={"PATH": LSF_PATH, "LSF_RESOURCES": resources, "ELIM_ABORT_VALUE": str(abort),
+                                 "LSF_MASTER": "Y"})
