@@ -1,0 +1,341 @@
+"""The PBS plugin through the harnesses: scripts as the mom runs them, the hook under the stand-in pbs
+module, the installer; argument and attribute parsing with Hypothesis. No guest boots here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blahvm.batch import pbs
+from blahvm.config import parse_config
+from blahvm.model import Job, Rejection, Submission
+from blahvm.quantities import Duration, Size
+from tests import pbs_harness
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SITE = """\
+hypervisor: {{uri: "test:///default", pool: blahvm-pbs-test, pool_path: /var/lib/blahvm/pbs-test-clones, timeout: 10}}
+host: {{max_guests: 2, state_dir: {state}, run_dir: {run}}}
+defaults: {{walltime: 1h, cores: 1}}
+vo_mapping:
+  - {{account: "^(?P<vo>[a-z]+)-prod$"}}
+  - {{user: "^(?P<vo>nobody)$"}}
+environments:
+  demo: {{image: {image}, sha256: {sha}, flavour: kvm, memory: 256MiB, vcpus: 2}}
+queues:
+  grid: {{}}
+  short: {{max_walltime: 10h}}
+routes:
+  - {{name: nobody-short, when: {{queue: grid, vo: nobody, walltime: "<= 10h"}}, queue: short, environment: demo}}
+  - {{name: others, reject: "no execution environment is offered to this VO"}}
+"""
+
+
+@pytest.fixture
+def site(tmp_path):
+    image = tmp_path / "golden.raw"
+    image.write_bytes(b"\0" * 1024 * 1024)
+    path = tmp_path / "site.yaml"
+    path.write_text(SITE.format(state=tmp_path / "state", run=tmp_path / "run", image=image,
+                                sha=hashlib.sha256(image.read_bytes()).hexdigest()))
+    return str(path)
+
+
+@pytest.fixture
+def installed(tmp_path, site):
+    home = tmp_path / "pbs_home"
+    (home / "mom_priv").mkdir(parents=True)
+    qstat = tmp_path / "qstat"
+    qstat.write_text("#!/bin/sh\nexec cat " + str(tmp_path / "qstat.json") + "\n")
+    qstat.chmod(0o755)
+    done = subprocess.run([sys.executable, "-m", "blahvm.cli.main", "install", "pbs", "--home", str(home),
+                           "--config", site, "--qstat", str(qstat), "--budget", "6",
+                           "--python", pbs_harness.SYSTEM_PYTHON],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return home, done.stdout
+
+
+# -- arguments and attributes ---------------------------------------------------------------------
+
+words = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0\n,="), min_size=1,
+                max_size=12)
+
+
+@given(st.lists(words, min_size=0, max_size=14))
+def test_prologue_argv_is_accepted_in_exactly_the_two_conventions(argv):
+    try:
+        job = pbs.parse_prologue_argv(argv)
+    except pbs.BadArguments as error:
+        assert len(argv) in (0, 1, 2, 5, 6) or not argv[0].strip() or not argv[1]
+        assert "\n" not in str(error)
+        return
+    assert len(argv) in (3, 4) or len(argv) >= 7
+    assert (job.job_id, job.user) == (argv[0], argv[1])
+    assert job.complete == (len(argv) >= 7)
+    if len(argv) >= 7:
+        assert job.queue == pbs._field(argv[5]) and job.account == pbs._field(argv[6])
+
+
+@given(st.lists(words, min_size=10, max_size=12), st.integers(-300, 300))
+def test_epilogue_reads_the_tenth_argument_as_the_exit_status(argv, status):
+    argv[9] = str(status)
+    job, code = pbs.parse_epilogue_argv(argv)
+    assert code == status and job.job_id == argv[0] and job.queue == pbs._field(argv[7])
+
+
+def test_too_few_epilogue_arguments_are_refused():
+    with pytest.raises(pbs.BadArguments, match="10 or more"):
+        pbs.parse_epilogue_argv(["1.vm", "u", "g"])
+
+
+names = st.from_regex(r"[a-z][a-z_]{0,10}", fullmatch=True)
+values = st.from_regex(r"[0-9a-z:.]{0,10}", fullmatch=True)
+
+
+@given(st.dictionaries(names, values, max_size=6))
+def test_resource_lists_parse_back_to_what_was_printed(resources):
+    text = ",".join(f"{k}={v}" for k, v in resources.items())
+    assert dict(pbs.parse_resource_list(text)) == resources
+
+
+@given(st.integers(0, 10 ** 6), st.sampled_from(["", "b", "kb", "mb", "gb", "w", "kw"]))
+def test_pbs_sizes_are_powers_of_1024_and_words_are_8_bytes(number, unit):
+    scale = {"": 1, "b": 1, "kb": 1024, "mb": 1024 ** 2, "gb": 1024 ** 3, "w": 8, "kw": 8192}[unit]
+    assert pbs.parse_pbs_size(f"{number}{unit}") == number * scale
+    assert pbs.parse_pbs_size(f"{number}{unit.upper()}") == number * scale
+
+
+@given(st.integers(0, 999), st.integers(0, 59), st.integers(0, 59))
+def test_walltimes_in_every_pbs_spelling(hours, minutes, seconds):
+    total = hours * 3600 + minutes * 60 + seconds
+    assert pbs.parse_pbs_duration(f"{hours:02d}:{minutes:02d}:{seconds:02d}") == total
+    assert pbs.parse_pbs_duration(f"{minutes}:{seconds}") == minutes * 60 + seconds
+    assert pbs.parse_pbs_duration(str(total)) == total
+
+
+@pytest.mark.parametrize("bad", ["", "1h", "-5", "1:2:3:4", "12xb"])
+def test_bad_quantities_are_one_line_errors(bad):
+    with pytest.raises(ValueError):
+        pbs.parse_pbs_duration(bad) if ":" in bad or bad in ("", "1h", "-5") else pbs.parse_pbs_size(bad)
+
+
+def test_observed_resources_become_the_submission():
+    job = pbs.PbsJob("1.vm", "nobody", "nogroup", queue="workq", account="cms-prod",
+                     resources=pbs.parse_resource_list("ncpus=1,place=free,walltime=00:05:00"))
+    assert pbs.submission_of(job) == Submission(queue="workq", user="nobody", group="nogroup",
+                                                account="cms-prod", walltime=Duration(300), cores=1)
+    select = pbs.PbsJob("2.vm", "u", resources=pbs.parse_resource_list(
+        "walltime=01:00:00,select=2:ncpus=2:mem=1gb,blahvm_env=demo"))
+    assert pbs.submission_of(select).cores == 4 and pbs.submission_of(select).memory == Size(2 * 1024 ** 3)
+    assert pbs.submission_of(select).environment == "demo"
+    torque = pbs.PbsJob("3.t", "u", resources=pbs.parse_resource_list("neednodes=1:ppn=3,nodes=1:ppn=3"))
+    assert pbs.submission_of(torque).cores == 3
+
+
+def test_a_job_moved_to_its_queue_at_submission_routes_the_same_on_the_execution_host(site):
+    from blahvm.config import load_config
+
+    config = load_config(site)
+    moved = pbs.execution_job_in_queue(config, "1.vm", Submission(queue="short", user="nobody",
+                                                                  walltime=Duration(600)))
+    assert isinstance(moved, Job) and moved.decision.rule == "nobody-short" and moved.decision.queue == "short"
+    too_long = pbs.execution_job_in_queue(config, "2.vm", Submission(queue="short", user="nobody",
+                                                                     walltime=Duration(20 * 3600)))
+    assert isinstance(too_long, Rejection)
+
+
+def test_qstat_json_fills_queue_account_and_resources():
+    text = json.dumps({"pbs_version": "23.06.06", "Jobs": {"7.vm": {
+        "Job_Name": "STDIN", "queue": "short", "Account_Name": "cms-prod",
+        "Resource_List": {"ncpus": 1, "walltime": "00:05:00", "select": "1:ncpus=1"}}}})
+    job = pbs.facts_from_qstat_json(text, pbs.PbsJob("7.vm", "nobody", "nogroup", complete=False))
+    assert (job.queue, job.account, job.name, job.resource("walltime"), job.complete) == \
+        ("short", "cms-prod", "STDIN", "00:05:00", True)
+    with pytest.raises(pbs.FactsUnavailable):
+        pbs.facts_from_qstat_json("qstat: Unknown Job Id", job)
+
+
+# -- the job starter's argv -------------------------------------------------------------------------
+
+
+def test_launch_rewrite_gives_the_starter_the_shell_for_script_jobs_and_argv_for_qsub_dashdash():
+    wrapper = "/var/spool/pbs/mom_priv/blahvm_job_starter"
+    progname, argv = pbs.launch_rewrite("/bin/bash", [], wrapper)
+    exe, exec_argv = pbs_harness.mom_exec_argv(progname, argv, script_job=True)
+    assert exe == wrapper and exec_argv == ["-blahvm_job_starter", "/bin/bash"]
+    assert pbs.payload_of(exec_argv[1:]) == (["/bin/bash", "-l"], True)
+    progname, argv = pbs.launch_rewrite("/bin/echo", ["/bin/echo", "a", "b c"], wrapper)
+    exe, exec_argv = pbs_harness.mom_exec_argv(progname, argv, script_job=False)
+    assert exec_argv == [wrapper, "/bin/echo", "a", "b c"]
+    assert pbs.payload_of(exec_argv[1:]) == (["/bin/echo", "a", "b c"], False)
+
+
+@given(st.lists(st.text(min_size=1, max_size=8), min_size=2, max_size=6))
+def test_qsub_dashdash_argv_reaches_the_guest_unchanged(argv):
+    progname, rewritten = pbs.launch_rewrite(argv[0], argv, "/w")
+    assert pbs.payload_of(rewritten[1:]) == (list(argv), False)
+
+
+# -- the installer ------------------------------------------------------------------------------------
+
+
+def test_install_writes_root_owned_scripts_and_prints_the_qmgr_commands(installed, site):
+    home, said = installed
+    for name, mode in (("prologue", 0o700), ("epilogue", 0o700), ("blahvm_job_starter", 0o755)):
+        status = os.stat(home / "mom_priv" / name)
+        assert status.st_uid == 0 and stat.S_IMODE(status.st_mode) == mode
+        assert not status.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        assert repr(os.path.abspath(site)) in (home / "mom_priv" / name).read_text()
+    settings_file = json.loads((home / "blahvm" / "blahvm_hook.json").read_text())
+    assert settings_file["config"] == os.path.abspath(site)
+    assert settings_file["job_starter"] == str(home / "mom_priv" / "blahvm_job_starter")
+    assert (home / "blahvm" / "blahvm_hook.py").read_text() == open(f"{REPO}/plugins/pbs/blahvm_hook.py").read()
+    assert 'qmgr -c "set hook blahvm event = \'queuejob,execjob_begin,execjob_launch,execjob_end,' in said
+    assert "application/x-config default" in said and "$job_starter " in said and "blahvm_slots" in said
+
+
+def test_install_without_mom_priv_says_so(tmp_path, site):
+    done = subprocess.run([sys.executable, "-m", "blahvm.cli.main", "install", "pbs", "--home", str(tmp_path),
+                           "--config", site], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "mom_priv" in done.stderr
+
+
+# -- the classic scripts as the mom runs them ---------------------------------------------------------
+
+
+def test_prologue_with_arguments_pbs_never_passes_aborts_with_one_line(installed):
+    home, _ = installed
+    ran = pbs_harness.run_script(str(home / "mom_priv" / "prologue"), ["1.vm", "nobody", "nogroup", "x", "y"],
+                                 cwd=str(home / "mom_priv"))
+    assert ran.code == pbs.EXIT_ABORT and ran.stdout == b""
+    assert ran.stderr == b"blahvm: prologue: a prologue gets 3 arguments (OpenPBS) or 7 or more (Torque), not 5\n"
+
+
+def test_torque_prologue_of_a_job_the_rules_refuse_aborts_it(installed):
+    home, _ = installed
+    argv = ["5.torque", "nobody", "nogroup", "job", "walltime=20:00:00", "short", ""]
+    ran = pbs_harness.run_script(str(home / "mom_priv" / "prologue"), argv, cwd=str(home / "mom_priv"))
+    assert ran.code == pbs.EXIT_ABORT and ran.stdout == b""
+    assert ran.stderr == b"blahvm: prologue: job 5.torque: rejected on this host: no execution environment is " \
+        b"offered to this VO\n"
+
+
+def test_openpbs_prologue_requeues_when_qstat_cannot_say(installed, tmp_path):
+    home, _ = installed
+    (tmp_path / "qstat.json").write_text("not json")
+    ran = pbs_harness.run_script(str(home / "mom_priv" / "prologue"), ["6.vm", "nobody", "nogroup"],
+                                 cwd=str(home / "mom_priv"), env={"PBS_JOBDIR": "/nonexistent"})
+    assert ran.code == pbs.EXIT_REQUEUE and ran.stdout == b""
+    assert b"qstat -f -F json gave nothing usable for job 6.vm" in ran.stderr
+
+
+def test_openpbs_prologue_whose_guest_never_answers_requeues_within_its_budget(installed, tmp_path):
+    home, _ = installed  # test:///default starts the guest at once, but no agent ever answers
+    (tmp_path / "qstat.json").write_text(json.dumps({"Jobs": {"8.vm": {
+        "queue": "short", "Resource_List": {"walltime": "00:10:00", "ncpus": 1}}}}))
+    started = time.monotonic()
+    ran = pbs_harness.run_script(str(home / "mom_priv" / "prologue"), ["8.vm", "nobody", "nogroup"],
+                                 cwd=str(home / "mom_priv"))
+    assert ran.code == pbs.EXIT_REQUEUE, ran.stderr
+    assert time.monotonic() - started < pbs_harness.PROLOGALARM
+    assert ran.stdout == b"" and len(ran.stderr.splitlines()) == 1
+
+
+def test_epilogue_with_nothing_to_tear_down_is_fine_and_quiet(installed):
+    home, _ = installed
+    argv = ["9.vm", "nobody", "nogroup", "STDIN", "123", "ncpus=1,walltime=00:05:00",
+            "cput=00:00:00,walltime=00:00:02", "short", "", "0"]
+    ran = pbs_harness.run_script(str(home / "mom_priv" / "epilogue"), argv, cwd="/")
+    assert ran == pbs_harness.Ran(0, b"", b"")
+
+
+def test_job_starter_refuses_to_run_without_a_job(installed):
+    home, _ = installed
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as where:  # where the job's user can reach it
+        os.chmod(where, 0o755)
+        starter = os.path.join(where, "blahvm_job_starter")
+        shutil.copy2(home / "mom_priv" / "blahvm_job_starter", starter)
+        ran = pbs_harness.run_script(starter, ["/bin/sh"], cwd="/", user="nobody")
+    assert ran.code == 255 and ran.stdout == b""
+    assert ran.stderr == b"blahvm: job starter: PBS_JOBID is not set: not started by a PBS mom\n"
+
+
+# -- the OpenPBS hook under the stand-in pbs module ------------------------------------------------------
+
+
+def hook_event(home, kind, **fields):
+    event = {"type": kind, "hook_config": str(home / "blahvm" / "blahvm_hook.json"),
+             "queues": ["workq", "grid", "short"], "default_queue": "workq"}
+    event.update(fields)
+    return pbs_harness.run_hook(str(home / "blahvm" / "blahvm_hook.py"), event)
+
+
+def test_queuejob_routes_to_the_queue_and_sets_the_environment(installed):
+    home, _ = installed
+    done = hook_event(home, "queuejob", requestor="nobody", job={
+        "id": "", "queue": "grid", "Account_Name": None,
+        "Resource_List": {"walltime": "00:05:00", "select": "1:ncpus=1"}})
+    assert done["verdict"] == "accept", done
+    assert done["job"]["queue"] == "short"
+    assert done["job"]["Resource_List"]["blahvm_env"] == "demo"
+    assert done["stdout"] == ""
+
+
+def test_queuejob_rejects_with_the_rules_reason(installed):
+    home, _ = installed
+    done = hook_event(home, "queuejob", requestor="nobody", job={
+        "id": "", "queue": "", "Resource_List": {"walltime": "00:05:00"}})
+    assert done["verdict"] == "reject"
+    assert done["message"] == "no execution environment is offered to this VO"  # workq: no route
+
+
+def test_execjob_begin_of_a_job_the_rules_refuse_deletes_it(installed):
+    home, _ = installed
+    done = hook_event(home, "execjob_begin", job={
+        "id": "3.vm", "queue": "short", "euser": "nobody", "egroup": "nogroup",
+        "Resource_List": {"walltime": "20:00:00", "ncpus": 1}})
+    assert done["verdict"] == "reject" and done["delete"] and not done["rerun"]
+    assert done["message"] == "job 3.vm: rejected on this host: no execution environment is offered to this VO"
+
+
+def test_execjob_launch_puts_the_wrapper_in_the_jobs_place(installed):
+    home, _ = installed
+    starter = str(home / "mom_priv" / "blahvm_job_starter")
+    script = hook_event(home, "execjob_launch", progname="/bin/bash", argv=[], env={"PBS_JOBID": "1.vm"},
+                        job={"id": "1.vm", "queue": "short", "euser": "nobody"})
+    assert script["verdict"] == "accept" and script["progname"] == starter and script["argv"] == [starter, "/bin/bash"]
+    dashdash = hook_event(home, "execjob_launch", progname="/bin/echo", argv=["/bin/echo", "a", "b c"],
+                          env={}, job={"id": "2.vm"})
+    assert dashdash["argv"] == [starter, "/bin/echo", "a", "b c"]
+
+
+def test_exechost_periodic_publishes_capacity(installed):
+    home, _ = installed
+    done = hook_event(home, "exechost_periodic", job={})
+    assert done["verdict"] == "accept"
+    assert done["vnodes"]["vm"] == {"blahvm_slots": 2, "blahvm_envs": "demo"}
+
+
+def test_execjob_end_with_nothing_left_accepts(installed):
+    home, _ = installed
+    assert hook_event(home, "execjob_end", job={"id": "4.vm"})["verdict"] == "accept"
+
+
+def test_a_hook_without_its_config_file_rejects_with_one_line(installed, tmp_path):
+    home, _ = installed
+    done = pbs_harness.run_hook(str(home / "blahvm" / "blahvm_hook.py"), {
+        "type": "execjob_begin", "hook_config": str(tmp_path / "missing.json"), "job": {"id": "5.vm"}})
+    assert done["verdict"] == "reject" and done["rerun"]
+    assert done["message"].startswith("blahvm hook: cannot start: [Errno 2]") and "\n" not in done["message"]
