@@ -1,0 +1,100 @@
+"""One whole LSF job on a real guest, every hook run as LSF runs it (tests/lsf_harness.py):
+esub as the user -> PRE_EXEC as root -> JOB_STARTER as the user (a command, then a job script
+file) -> POST_EXEC, and nothing of the job left behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+from blahvm.config import load_config
+from blahvm.ledger import Ledger
+from tests import lsf_harness as lsf
+
+pytestmark = pytest.mark.guest
+
+SITE = """\
+hypervisor: {{uri: "qemu:///system", pool: {pool}, pool_path: {d}/clones, domain_type: qemu}}
+host: {{max_guests: 2, memory: 2GiB, vcpus: 2, state_dir: {d}/state, run_dir: {d}/run, log_file: {d}/blahvm.log}}
+defaults: {{walltime: 1h, cores: 1}}
+vo_mapping:
+  - {{account: "^(?P<vo>cms|atlas)$"}}
+environments:
+{environments}
+queues:
+  grid: {{}}
+  short: {{max_walltime: 10h}}
+routes:
+  - {{name: cms-short, when: {{queue: grid, vo: cms, walltime: "<= 10h"}}, queue: short, environment: slc4}}
+  - {{name: nobody-else, reject: "no execution environment is offered to this VO"}}
+"""
+
+
+def virsh(*args):
+    return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def site(demo_image):
+    directory = tempfile.mkdtemp(prefix="blahvm-lsf-guest-", dir="/var/tmp")
+    os.chmod(directory, 0o755)
+    pool = f"blahvm-test-lsf-{os.getpid()}"
+    environment = "".join(f"  {line}\n" for line in demo_image.environment_yaml("slc4").splitlines())
+    config = os.path.join(directory, "site.yaml")
+    with open(config, "w") as stream:
+        stream.write(SITE.format(d=directory, pool=pool, environments=environment.rstrip("\n")))
+    os.chmod(config, 0o644)
+    serverdir = os.path.join(directory, "serverdir")
+    os.mkdir(serverdir, 0o755)
+    result = lsf.install(serverdir, config, os.path.join(directory, "cache"))
+    assert result.returncode == 0, result.stderr
+    yield {"dir": directory, "serverdir": serverdir, "pool": pool}
+    for name in virsh("list", "--all", "--name").stdout.split():
+        if name.startswith("blahvm-7001"):
+            virsh("destroy", name)
+            virsh("undefine", name)
+    virsh("pool-destroy", pool)
+    virsh("pool-undefine", pool)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_one_whole_job(site):
+    serverdir = site["serverdir"]
+    # bsub -q grid -P cms -W 5 -a "blahvm(slc4)" ... as nobody
+    submitted = lsf.run_esub(serverdir, 'LSB_SUB_QUEUE="grid"\nLSB_SUB_PROJECT_NAME="cms"\nLSB_SUB_RLIMIT_RUN=300\n'
+                                        'LSB_SUB_ADDITIONAL="blahvm(slc4)"\n')
+    assert submitted.code == 0, submitted.stderr
+    assert 'LSB_SUB_QUEUE="short"' in submitted.modify
+    # LSF runs it in the queue the esub chose, with the esub's env lines in its environment
+    env = lsf.job_env("7001", "short", "nobody", lsf.env_lines(submitted.envfile), LSB_PROJECT_NAME="cms",
+                      LS_SUBCWD="/tmp")
+    try:
+        assert lsf.run_pre_exec(serverdir, env, timeout=300) == 0
+        assert lsf.run_pre_exec(serverdir, env, timeout=300) == 0  # a re-run (LSF retries) reuses the guest
+
+        job = lsf.run_job_starter(serverdir, env, """/bin/sh -c 'echo "[$1] $(id -u)"; echo oops >&2; exit 3' x "a 2" """,
+                                  "nobody", "/tmp")
+        assert (job.returncode, job.stdout, job.stderr) == (3, b"[a 2] 65534\n", b"oops\n")
+
+        # a script job: LSF hands over the single path $LSB_JOBFILENAME.shell
+        script = os.path.join(site["dir"], "job.7001.shell")
+        with open(script, "w") as stream:
+            stream.write("#!/bin/sh\necho script ran in $(uname -s)\nexit 0\n")
+        os.chmod(script, 0o644)
+        scripted = lsf.run_job_starter(serverdir, dict(env, LSB_JOBFILENAME=script[:-6]), script, "nobody", "/tmp")
+        assert (scripted.returncode, scripted.stdout, scripted.stderr) == (0, b"script ran in Linux\n", b"")
+    finally:
+        assert lsf.run_post_exec(serverdir, env, 3, timeout=300) == 0
+    assert not any(n.startswith("blahvm-7001") for n in virsh("list", "--all", "--name").stdout.split())
+    assert [v for v in virsh("vol-list", site["pool"]).stdout.split() if "7001" in v] == []
+    assert not os.listdir(os.path.join(site["dir"], "run"))
+    with Ledger(load_config(os.path.join(site["dir"], "site.yaml")).host) as ledger:
+        assert ledger.live() == ()
+    with open(os.path.join(site["dir"], "blahvm.log")) as stream:
+        log = stream.read()
+    assert "pre-exec: job=7001 user=nobody vo=cms" in log and "post-exec: job=7001" in log
+    assert lsf.run_post_exec(serverdir, env, 0) == 0  # post-exec again: nothing left, still fine
