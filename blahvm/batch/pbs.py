@@ -375,6 +375,9 @@ def prologue(config: str, argv: Optional[List[str]] = None, qstat: Optional[str]
     started = time.monotonic()
 
     def body() -> int:
+        # The OpenPBS mom runs it with umask 077; the directories prepare makes for the job's user to
+        # reach (the run dir root) must stay traversable.
+        os.umask(0o022)
         try:
             job = parse_prologue_argv(argv)
         except BadArguments as error:
