@@ -95,7 +95,7 @@ def test_prepare_records_the_job_and_teardown_frees_its_slot(site):
     (row,) = as_json(blahvm("guests", "--config", site, "--json"))["guests"]
     assert row["job_id"] == "1.srv" and row["user"] == "nobody" and row["vo"] == "cms"
     assert (row["environment"], row["ledger_state"], row["libvirt_state"], row["slot"]) == \
-        ("demo", "booting", "absent", 0)
+        ("demo", "running", "absent", 0)
     assert set(row["timings"]) == {"clone", "boot"} and row["flag"].startswith("no guest")
     table = blahvm("guests", "--config", site).stdout.splitlines()
     assert table[0].split() == ["JOB", "USER", "VO", "ENVIRONMENT", "LEDGER", "LIBVIRT", "SLOT", "AGE", "TIMINGS",
@@ -165,7 +165,7 @@ def test_libvirt_down_guests_shows_the_ledger_and_the_rest_retry_elsewhere(tmp_p
     shown = blahvm("guests", "--config", down)
     assert shown.returncode == 0
     assert shown.stderr.startswith("blahvm: warning: showing the ledger only:") and shown.stderr.count("\n") == 1
-    assert shown.stdout.splitlines()[1].split()[:6] == ["1.srv", "nobody", "cms", "demo", "booting", "?"]
+    assert shown.stdout.splitlines()[1].split()[:6] == ["1.srv", "nobody", "cms", "demo", "running", "?"]
     assert as_json(blahvm("guests", "--config", down, "--json"))["libvirt_reachable"] is False
     assert blahvm("capacity", "--config", down).returncode == 0  # the ledger alone answers
     for args in (("reap",), ("teardown", "--job-id", "1.srv")):

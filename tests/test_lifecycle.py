@@ -110,7 +110,7 @@ def test_prepare_makes_guest_clone_run_dir_and_ledger_entry(tmp_path, golden, ke
     assert volume_names(config, keep_driver) == {result.guest + ".qcow2"}
     assert os.stat(result.run_dir).st_mode & 0o777 == 0o700
     (entry,) = live_entries(config)
-    assert (entry.job_id, entry.state, entry.guest) == (job.job_id, State.BOOTING, result.guest)
+    assert (entry.job_id, entry.state, entry.guest) == (job.job_id, State.RUNNING, result.guest)  # handed over
     assert entry.volumes == (result.guest + ".qcow2",) and entry.run_dir == result.run_dir
     assert {"clone", "boot"} <= dict(entry.timings).keys()
     assert "\n" not in result.message

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import xml.etree.ElementTree as ET
 from typing import Any, Optional, Tuple
 
@@ -101,6 +102,23 @@ def _ensure_pool(conn: Connection, name: str, path: str) -> Any:
     return pool
 
 
+POOL_BUSY_WAIT = 10.0  # seconds a refresh waits out volumes being made by other prologues
+
+
+def _refresh(conn: Connection, pool: Any, name: str) -> None:
+    """Re-read the pool's directory; while another process is creating a volume in it libvirt
+    refuses ("has asynchronous jobs running"), which only means: try again in a moment."""
+    deadline = time.monotonic() + POOL_BUSY_WAIT
+    while True:
+        try:
+            conn.call(f"refresh pool {name}", pool.refresh, 0)
+            return
+        except LibvirtCallFailed as error:
+            if "asynchronous jobs running" not in str(error) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
+
+
 class ClonePool:
     """The host's clone pool. Build it with ``ClonePool.ensure(conn, name, path)``."""
 
@@ -112,7 +130,7 @@ class ClonePool:
     @classmethod
     def ensure(cls, conn: Connection, name: str, path: str) -> "ClonePool":
         pool = _ensure_pool(conn, name, path)
-        conn.call(f"refresh pool {name}", pool.refresh, 0)
+        _refresh(conn, pool, name)
         return cls(conn, name, pool)
 
     @property
@@ -169,8 +187,9 @@ class ClonePool:
     def list_volumes(self) -> Tuple[VolumeInfo, ...]:
         """Every volume in the pool (after a refresh, so files libvirt missed are seen too)."""
 
+        _refresh(self.conn, self._pool, self.name)
+
         def listing() -> Tuple[VolumeInfo, ...]:
-            self._pool.refresh(0)
             volumes = []
             for volume in self._pool.listAllVolumes(0):
                 _kind, capacity, allocation = volume.info()
@@ -188,5 +207,5 @@ class ClonePool:
         directory = os.path.dirname(os.path.abspath(golden.path))
         digest = hashlib.sha256(directory.encode("utf-8", "surrogatepass")).hexdigest()[:8]
         pool = _ensure_pool(self.conn, GOLDEN_POOL_PREFIX + digest, directory)
-        self.conn.call("refresh golden pool", pool.refresh, 0)
+        _refresh(self.conn, pool, GOLDEN_POOL_PREFIX + digest)
         return self.conn.call("look up golden", self.conn.raw.storageVolLookupByPath, golden.path)
