@@ -67,3 +67,21 @@ def test_an_installed_hook_ignores_the_callers_python_environment(tmp_path):
     result = subprocess.run([str(hook)], capture_output=True, text=True, env=env, timeout=30)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "/var/cache/blahvm"
+
+
+def test_a_job_moved_by_routing_is_accepted_in_the_queue_it_was_moved_to():
+    config = parse_config("""
+environments: {e: {image: /e.qcow2, flavour: kvm, memory: 1GiB, vcpus: 1}}
+queues: {grid: {}, short: {max_walltime: 10h}, long: {}}
+routes:
+  - {name: cms-short, when: {queue: grid, vo: cms, walltime: "< 10h"}, queue: short, environment: e}
+  - {name: cms-long, when: {queue: grid, vo: cms}, queue: long, environment: e}
+  - {name: elsewhere, reject: "not here"}
+""")
+    moved = execution_job(config, "1", Submission(queue="short", vo="cms", user="nobody", walltime=3600))
+    assert isinstance(moved, Job) and moved.decision.queue == "short" and moved.decision.rule == "cms-short"
+    # a 20h job sitting in the short queue is not one the rules would put there
+    wrong = execution_job(config, "2", Submission(queue="short", vo="cms", user="nobody", walltime=72000))
+    assert wrong == Rejection("not here", "elsewhere")
+    sent_elsewhere = execution_job(config, "3", Submission(queue="grid", vo="cms", user="nobody", walltime=3600))
+    assert sent_elsewhere.reason == "the site's routes send this job to queue short, not grid where it is"

@@ -14,6 +14,8 @@ import tempfile
 import time
 
 import pytest
+
+from blahvm.batch.execution import execution_job
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -148,10 +150,10 @@ def test_a_job_moved_to_its_queue_at_submission_routes_the_same_on_the_execution
     from blahvm.config import load_config
 
     config = load_config(site)
-    moved = pbs.execution_job_in_queue(config, "1.vm", Submission(queue="short", user="nobody",
+    moved = execution_job(config, "1.vm", Submission(queue="short", user="nobody",
                                                                   walltime=Duration(600)))
     assert isinstance(moved, Job) and moved.decision.rule == "nobody-short" and moved.decision.queue == "short"
-    too_long = pbs.execution_job_in_queue(config, "2.vm", Submission(queue="short", user="nobody",
+    too_long = execution_job(config, "2.vm", Submission(queue="short", user="nobody",
                                                                      walltime=Duration(20 * 3600)))
     assert isinstance(too_long, Rejection)
 

@@ -35,9 +35,12 @@ def import_paths() -> List[str]:
     return list(dict.fromkeys(paths))
 
 
-def hook_script(system: str, module: str, function: str, config: str, extra: Optional[dict] = None) -> str:
+def hook_script(system: str, module: str, function: str, config: str, extra: Optional[dict] = None,
+                python: Optional[str] = None) -> str:
+    """The hook's text; ``python`` defaults to this interpreter (a hook run as the job's user needs
+    one that user can reach)."""
     arguments = "".join(f", {key}={value!r}" for key, value in (extra or {}).items())
-    return TEMPLATE.format(python=sys.executable, system=system, version=__version__, paths=import_paths(),
+    return TEMPLATE.format(python=python or sys.executable, system=system, version=__version__, paths=import_paths(),
                            module=module, function=function, config=os.path.abspath(config), extra=arguments)
 
 

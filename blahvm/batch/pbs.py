@@ -268,29 +268,6 @@ def facts_from_qstat(qstat: str, job: PbsJob, timeout: float = QSTAT_TIMEOUT) ->
 # -- routing on the execution host ----------------------------------------------------------------
 
 
-def execution_job_in_queue(config, job_id: str, submission: Submission, workdir=None, name=None):
-    """``execution_job`` for a job that routing already moved to its queue.
-
-    At submission the job was routed from the queue it was sent to (say ``grid``) and moved to the
-    decision's queue (say ``short``); on the execution host only the latter is known. The decision
-    stands when routing the job's facts from some queue of the site's lands it in the queue it is
-    in: the user could have sent it there, so it gives nothing the rules would not. The job's own
-    queue is tried first and its result kept when nothing lands it where it is.
-    """
-    from blahvm.batch.execution import execution_job
-
-    first = execution_job(config, job_id, submission, workdir=workdir, name=name)
-    if not isinstance(first, Rejection) or submission.queue is None:
-        return first
-    for origin in config.queues:
-        if origin == submission.queue:
-            continue
-        moved = execution_job(config, job_id, attrs.evolve(submission, queue=origin), workdir=workdir, name=name)
-        if not isinstance(moved, Rejection) and moved.decision.queue == submission.queue:
-            return moved
-    return first
-
-
 def job_workdir(environ: Mapping[str, str]) -> Optional[str]:
     """The job's directory as the mom gives it: ``PBS_JOBDIR`` (OpenPBS), else ``PBS_O_WORKDIR``."""
     for name in ("PBS_JOBDIR", "PBS_O_WORKDIR"):
@@ -327,7 +304,9 @@ def prepare_job(config, job: PbsJob, workdir: Optional[str], budget: float,
         submission = submission_of(job)
     except QuantityError as error:
         return PrepareAnswer(Outcome.FAIL_JOB, f"job {job.job_id}: {error}")
-    routed = execution_job_in_queue(config, job.job_id, submission, workdir=workdir, name=job.name)
+    from blahvm.batch.execution import execution_job
+
+    routed = execution_job(config, job.job_id, submission, workdir=workdir, name=job.name)
     if isinstance(routed, Rejection):
         return PrepareAnswer(Outcome.FAIL_JOB, f"job {job.job_id}: rejected on this host: {routed.reason}")
     remaining = budget - (time.monotonic() - started)

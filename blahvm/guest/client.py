@@ -194,6 +194,8 @@ def wait_ready(socket_path: str, timeout: float) -> Hello:
             continue
         try:
             return _hello(connection, deadline, timeout)
+        except AgentError as error:  # e.g. reset while the guest's agent (re)starts: ask again until the deadline
+            last_error = str(error)
         finally:
             connection.close()
 

@@ -345,7 +345,9 @@ class _Preparation:
 
 def _make_run_dir(root: str, run_dir: str) -> None:
     """The job's run dir, root's alone (0700) until the socket in it is handed over."""
-    os.makedirs(root, mode=0o755, exist_ok=True)
+    if not os.path.isdir(root):
+        os.makedirs(root, exist_ok=True)
+        os.chmod(root, 0o755)  # whatever the umask (a PBS mom runs prologues with 077): users enter their own
     if os.path.lexists(run_dir):  # left by an earlier run of this job, which the live entry now owns
         shutil.rmtree(run_dir)
     os.mkdir(run_dir, 0o700)
