@@ -39,7 +39,8 @@ LSB_SUB_MODIFY=Y
 '''
 
 SITE = """\
-hypervisor: {{uri: "qemu:///system?socket=/var/tmp/blahvm-lsf-no-libvirt.sock", pool: blahvm-lsf-test, pool_path: {d}/clones, domain_type: qemu}}
+hypervisor: {{uri: "qemu:///system?socket=/var/tmp/blahvm-lsf-no-libvirt.sock", pool: blahvm-lsf-test,
+             pool_path: {d}/clones, domain_type: qemu}}
 host: {{max_guests: 2, memory: 2GiB, vcpus: 2, state_dir: {d}/state, run_dir: {d}/run}}
 defaults: {{walltime: 1h, cores: 1}}
 vo_mapping:
@@ -243,7 +244,8 @@ def test_broken_config_rejects_unless_told_to_let_through(site):
             stream.write("routez: []\n")
         rejected = lsf.run_esub(os.path.join(directory, "reject"), REAL_SUBMIT)
         assert rejected.code == lsf.ABORT and rejected.stdout == b""
-        assert rejected.stderr.startswith("blahvm: job rejected: the site's blahvm config") and "Traceback" not in rejected.stderr
+        assert rejected.stderr.startswith("blahvm: job rejected: the site's blahvm config")
+        assert "Traceback" not in rejected.stderr
         accepted = lsf.run_esub(os.path.join(directory, "accept"), REAL_SUBMIT)
         assert accepted.code == 0 and accepted.modify is None and "goes on unrouted" in accepted.stderr
     finally:

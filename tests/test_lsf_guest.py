@@ -62,6 +62,14 @@ def site(demo_image):
     shutil.rmtree(directory, ignore_errors=True)
 
 
+def log_of(site) -> str:
+    try:
+        with open(os.path.join(site["dir"], "blahvm.log")) as stream:
+            return stream.read()
+    except FileNotFoundError:
+        return "(no log)"
+
+
 def test_one_whole_job(site):
     serverdir = site["serverdir"]
     # bsub -q grid -P cms -W 5 -a "blahvm(slc4)" ... as nobody
@@ -73,11 +81,11 @@ def test_one_whole_job(site):
     env = lsf.job_env("7001", "short", "nobody", lsf.env_lines(submitted.envfile), LSB_PROJECT_NAME="cms",
                       LS_SUBCWD="/tmp")
     try:
-        assert lsf.run_pre_exec(serverdir, env, timeout=300) == 0
-        assert lsf.run_pre_exec(serverdir, env, timeout=300) == 0  # a re-run (LSF retries) reuses the guest
+        assert lsf.run_pre_exec(serverdir, env, timeout=300) == 0, log_of(site)
+        assert lsf.run_pre_exec(serverdir, env, timeout=300) == 0, log_of(site)  # a re-run (LSF retries) reuses it
 
-        job = lsf.run_job_starter(serverdir, env, """/bin/sh -c 'echo "[$1] $(id -u)"; echo oops >&2; exit 3' x "a 2" """,
-                                  "nobody", "/tmp")
+        command_line = """/bin/sh -c 'echo "[$1] $(id -u)"; echo oops >&2; exit 3' x "a 2" """
+        job = lsf.run_job_starter(serverdir, env, command_line, "nobody", "/tmp")
         assert (job.returncode, job.stdout, job.stderr) == (3, b"[a 2] 65534\n", b"oops\n")
 
         # a script job: LSF hands over the single path $LSB_JOBFILENAME.shell

@@ -74,7 +74,8 @@ def requested_environment(values: dict, environ) -> "Optional[str]":
             if match.group(1) == APPLICATION and match.group(2) is not None:
                 arguments = [a.strip() for a in match.group(2).split(",") if a.strip()]
                 if len(arguments) != 1:
-                    raise Rejected(f'-a "{APPLICATION}(ENVIRONMENT)" takes one environment name, got {match.group(0)!r}')
+                    raise Rejected(f'-a "{APPLICATION}(ENVIRONMENT)" takes one environment name, '
+                                   f'got {match.group(0)!r}')
                 return _checked_name(arguments[0])
     wanted = environ.get(ENVIRONMENT_VARIABLE)
     return _checked_name(wanted) if wanted else None
@@ -157,7 +158,8 @@ def esub(config: str, cache_dir: "Optional[str]" = DEFAULT_CACHE_DIR, on_broken:
 
         if isinstance(error, BlahvmError):
             problems = getattr(error, "problems", None) or [str(error)]
-            message = f"the site's blahvm config {config} is broken ({problems[0]}{' ...' if len(problems) > 1 else ''})"
+            more = " ..." if len(problems) > 1 else ""
+            message = f"the site's blahvm config {config} is broken ({problems[0]}{more})"
         else:
             message = f"internal error: {type(error).__name__}: {error}"
         from blahvm.batch.log import log_event

@@ -17,7 +17,7 @@ import os
 import pwd
 import re
 import sys
-from typing import Mapping, Optional, Sequence, Tuple, Union
+from typing import Mapping, Optional, Sequence, Tuple
 
 from blahvm.batch.lsf import PRE_EXEC_FAIL_JOB, PRE_EXEC_OK, PRE_EXEC_RETRY, STARTER_FAILED
 
@@ -146,7 +146,7 @@ def lsf_job(config, environ: Mapping[str, str]):
     queue = environ.get("LSB_QUEUE", "")
     if not queue:
         raise NotRunnable(f"job {job_id}: LSB_QUEUE is not set")
-    account = pwd_entry = job_user(environ)
+    account = job_user(environ)
     import grp
 
     try:
@@ -157,7 +157,7 @@ def lsf_job(config, environ: Mapping[str, str]):
     walltime = _hint_int(environ, "BLAHVM_WALLTIME")
     memory = _hint_int(environ, "BLAHVM_MEMORY")
     submission = Submission(
-        queue=queue, user=pwd_entry.pw_name, group=group,
+        queue=queue, user=account.pw_name, group=group,
         account=None if project == LSF_DEFAULT_PROJECT else project,
         walltime=None if walltime is None else Duration(walltime),
         memory=None if memory is None else Size(memory),
@@ -168,7 +168,7 @@ def lsf_job(config, environ: Mapping[str, str]):
     decision = land_in_queue(config, submission, queue, _hint_name(environ, "BLAHVM_SUBMIT_QUEUE"))
     if isinstance(decision, Rejection):
         raise NotRunnable(f"job {job_id}: {decision.reason}")
-    return Job(job_id=job_id, user=pwd_entry.pw_name, decision=decision, uid=account.pw_uid,
+    return Job(job_id=job_id, user=account.pw_name, decision=decision, uid=account.pw_uid,
                gid=account.pw_gid, workdir=workdir_of(environ, account.pw_uid), name=submission.name)
 
 
