@@ -60,9 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return report_config_error(error)
 
     def script(module: str, function: str, extra=None) -> str:
-        text = hook_script("lsf", module, function, config, extra)
-        first, rest = text.split("\n", 1)
-        return f"#!{args.python} -IS\n{rest}" if first == f"#!{sys.executable} -IS" else text
+        return hook_script("lsf", module, function, config, extra, python=args.python)
 
     hooks = {
         ESUB: script("blahvm.batch.lsf.esub", "main", {"cache_dir": cache_dir, "on_broken": args.on_broken_config}),
