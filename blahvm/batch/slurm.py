@@ -1,0 +1,339 @@
+"""Slurm: routing at submission (called by job_submit.lua), Prolog, Epilog and the task wrapper.
+
+- ``route_main``   job_submit.lua runs it in slurmctld with the submission's facts as options; it
+                   prints one line: ``route<TAB>PARTITION<TAB>FEATURES`` or ``reject<TAB>REASON``.
+- ``prolog_main``  Prolog (root, ``SLURM_*`` variables only): re-routes, prepares the guest.
+                   OK -> 0; RETRY_ELSEWHERE -> ``scontrol requeue`` and 0; FAIL_JOB -> ``scancel``
+                   and 0. Never non-zero for a job's own fault: that would drain the node.
+- ``epilog_main``  Epilog (root): teardown. Non-zero only when the host itself is broken.
+- ``task_main``    the batch script's interpreter (job_submit.lua puts ``#!TASK`` in front of the
+                   script) and ``srun TASK -- CMD``: runs the job inside its guest as the job user.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from blahvm.batch.hook import run_hook
+from blahvm.batch.log import log_event
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import List, Mapping, Optional, Sequence, Union
+
+    from blahvm.model import Job, Rejection, SiteConfig
+
+NO_VAL = 0xFFFFFFFE  # Slurm's "not set" for 32-bit fields; 64-bit ones come through Lua as big doubles
+BATCH_SHIM = 'f=$(mktemp) && printf %s "$1" >"$f" && chmod 0700 "$f" && shift && exec "$f" "$@"'
+TASK_FAILED = 255  # the job never ran in its guest
+
+
+def _say(line: str) -> None:
+    try:
+        os.write(2, f"{' '.join(line.split())}\n".encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+# -- facts --------------------------------------------------------------------------------------
+
+
+def _number(text: "Optional[str]", limit: int = NO_VAL) -> "Optional[int]":
+    """A Slurm number, or None when it is missing, not set (NO_VAL, INFINITE) or not a number."""
+    if text is None or text == "":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if value != value or value < 0 or value >= limit:
+        return None
+    return int(value)
+
+
+def _group_name(gid: "Optional[str]") -> "Optional[str]":
+    import grp
+
+    number = _number(gid)
+    if number is None:
+        return None
+    try:
+        return grp.getgrgid(number).gr_name
+    except KeyError:
+        return None
+
+
+def _cores(cpus_per_node: "Optional[str]") -> "Optional[int]":
+    """``SLURM_JOB_CPUS_PER_NODE`` is ``2`` or ``2(x3)`` or ``2,1``: the first node's count."""
+    if not cpus_per_node:
+        return None
+    return _number(cpus_per_node.split(",")[0].split("(")[0])
+
+
+def _environment_wanted(config: "SiteConfig", constraints: "Optional[str]") -> "Optional[str]":
+    """The environment a feature expression names, when it is exactly one environment's name."""
+    if constraints and constraints in config.environments:
+        return constraints
+    return None
+
+
+def execution_job(config: "SiteConfig", environ: "Mapping[str, str]") -> "Union[Job, Rejection]":
+    """The Job a Prolog prepares, from the ``SLURM_*`` variables slurmd sets (nothing else).
+
+    The partition is where routing sent the job, so the route is re-derived with the partition as
+    the queue; when the site's routes match on the routing queue a job was submitted to instead,
+    each configured queue is tried as the origin, and only a decision that lands in this very
+    partition counts: the environment is always one the rules give this user for this partition.
+    """
+    from blahvm.batch.execution import execution_job as common_execution_job
+    from blahvm.model import Job, Rejection, Submission
+
+    job_id = environ.get("SLURM_JOB_ID", "")
+    partition = environ.get("SLURM_JOB_PARTITION") or None
+    facts = dict(
+        user=environ.get("SLURM_JOB_USER") or None,
+        group=_group_name(environ.get("SLURM_JOB_GID")),
+        account=environ.get("SLURM_JOB_ACCOUNT") or None,
+        cores=_cores(environ.get("SLURM_JOB_CPUS_PER_NODE")),
+        environment=_environment_wanted(config, environ.get("SLURM_JOB_CONSTRAINTS")),
+    )
+    workdir = environ.get("SLURM_JOB_WORK_DIR") or None
+    first: "Optional[Union[Job, Rejection]]" = None
+    origins = [partition] + [queue for queue in config.queues if queue != partition]
+    for origin in origins:
+        result = common_execution_job(config, job_id, Submission(queue=origin, **facts), workdir=workdir)
+        if first is None:
+            first = result
+        if isinstance(result, Job) and result.decision.queue == partition:
+            return result
+    if isinstance(first, Rejection):
+        return first
+    return Rejection(reason=f"job {job_id}: no route sends this job to partition {partition}")
+
+
+# -- submission: job_submit.lua calls this -------------------------------------------------------
+
+
+def route_line(config_path: str, argv: "Sequence[str]", cache_dir: "Optional[str]" = None) -> str:
+    """The answer to job_submit.lua for one submission's facts (given as ``--name value`` pairs)."""
+    import pwd
+
+    from blahvm.quantities import Duration, Size
+    from blahvm.routing.fast import load_table
+    from blahvm.routing.table import FIELDS
+
+    options = {}
+    words = list(argv)
+    if len(words) % 2:
+        raise ValueError("options come in --name value pairs")
+    for name, value in zip(words[::2], words[1::2]):
+        if not name.startswith("--"):
+            raise ValueError(f"unexpected argument {name!r}")
+        options[name[2:]] = value
+    table = load_table(config_path, cache_dir) if cache_dir else load_table(config_path)
+    user = options.get("user") or None
+    uid = _number(options.get("uid"))
+    if user is None and uid is not None:
+        try:
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            user = None
+    minutes = _number(options.get("time"), limit=0xFFFFFFFE)
+    memory_mb = _number(options.get("mem"), limit=2 ** 63)
+    cpus = _number(options.get("cpus"))
+    constraint = options.get("constraint") or None
+    facts = dict.fromkeys(FIELDS)
+    facts.update(
+        queue=options.get("partition") or None,
+        user=user,
+        group=_group_name(options.get("gid")),
+        account=options.get("account") or None,
+        walltime=Duration(minutes * 60) if minutes else None,
+        memory=Size(memory_mb * 1024 * 1024) if memory_mb else None,
+        cores=cpus or None,
+        environment=constraint,
+    )
+    result = table.decide(tuple(facts[name] for name in FIELDS))
+    if result[0] == "route":
+        _, rule, queue, environment = result[:4]
+        return f"route\t{queue}\t{environment}\t{rule}"
+    reason = " ".join(str(result[2]).split())
+    return f"reject\t{reason}"
+
+
+def route_main(config: str, argv: "Optional[List[str]]" = None, cache_dir: "Optional[str]" = None) -> int:
+    """Exit 0 with the answer on stdout; 2 with one line on stderr for bad input or a bad config."""
+    argv = sys.argv[1:] if argv is None else argv
+
+    def body() -> int:
+        from blahvm.errors import ConfigError
+
+        try:
+            line = route_line(config, argv, cache_dir)
+        except ValueError as error:
+            _say(f"blahvm slurm-route: {error}")
+            return 2
+        except ConfigError as error:
+            _say(f"blahvm slurm-route: {error}")
+            return 2
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+        return 0
+
+    return run_hook("slurm-route", body, on_error=2)
+
+
+# -- execution host -------------------------------------------------------------------------------
+
+
+def _scontrol(slurm_bin: str, *args: str) -> "Optional[str]":
+    """Run a Slurm command (the Prolog has no PATH); None on success, else its complaint."""
+    try:
+        done = subprocess.run([os.path.join(slurm_bin, args[0]), *args[1:]], capture_output=True, text=True,
+                              timeout=60, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return str(error)
+    if done.returncode != 0:
+        return " ".join((done.stderr or done.stdout or f"exit {done.returncode}").split())
+    return None
+
+
+def prolog_main(config: str, slurm_bin: str = "/usr/bin", environ: "Optional[Mapping[str, str]]" = None) -> int:
+    environ = os.environ if environ is None else environ
+    job_id = environ.get("SLURM_JOB_ID", "")
+    log_file = None
+
+    def body() -> int:
+        nonlocal log_file
+        from blahvm.config import ConfigError, load_config
+        from blahvm.lifecycle import prepare
+        from blahvm.model import Outcome, Rejection
+
+        if not job_id.isdigit():
+            log_event("slurm-prolog", f"no usable SLURM_JOB_ID ({job_id!r}): nothing prepared")
+            return 0  # not a job: never drain the node for it
+        try:
+            site = load_config(config)
+        except ConfigError as error:
+            log_event("slurm-prolog", f"bad config: {error}", job_id=job_id)
+            return _retry(job_id, slurm_bin, f"blahvm config unusable: {error}", None)
+        log_file = site.host.log_file
+        job = execution_job(site, environ)
+        user = environ.get("SLURM_JOB_USER")
+        if isinstance(job, Rejection):
+            return _cancel(job_id, slurm_bin, job.reason, user, log_file)
+        result = prepare(site, job)
+        log_event("slurm-prolog", result.message, job_id=job_id, user=job.user, vo=job.decision.vo,
+                  guest=result.guest, log_file=log_file)
+        if result.outcome is Outcome.OK:
+            return 0
+        if result.outcome is Outcome.RETRY_ELSEWHERE:
+            return _retry(job_id, slurm_bin, result.message, log_file)
+        return _cancel(job_id, slurm_bin, result.message, job.user, log_file)
+
+    return run_hook("slurm-prolog", body, on_error=0, log_file=log_file, stderr=False)
+
+
+def _retry(job_id: str, slurm_bin: str, reason: str, log_file) -> int:
+    problem = _scontrol(slurm_bin, "scontrol", "requeue", job_id)
+    if problem is None:
+        log_event("slurm-prolog", f"requeued: {reason}", job_id=job_id, log_file=log_file)
+        return 0
+    # a job that cannot be requeued (e.g. --no-requeue): cancel it rather than drain the node
+    log_event("slurm-prolog", f"cannot requeue ({problem}); cancelling: {reason}", job_id=job_id,
+              log_file=log_file)
+    return _cancel(job_id, slurm_bin, reason, None, log_file)
+
+
+def _cancel(job_id: str, slurm_bin: str, reason: str, user, log_file) -> int:
+    # the reason for the user and the admin: AdminComment is shown by scontrol show job and sacct
+    _scontrol(slurm_bin, "scontrol", "update", f"JobId={job_id}", f"AdminComment=blahvm: {' '.join(reason.split())}"[:1000])
+    problem = _scontrol(slurm_bin, "scancel", job_id)
+    log_event("slurm-prolog", f"cancelled: {reason}" if problem is None else f"cannot cancel ({problem}): {reason}",
+              job_id=job_id, user=user, log_file=log_file)
+    return 0
+
+
+def epilog_main(config: str, environ: "Optional[Mapping[str, str]]" = None) -> int:
+    environ = os.environ if environ is None else environ
+    job_id = environ.get("SLURM_JOB_ID", "")
+
+    def body() -> int:
+        from blahvm.config import ConfigError, load_config
+        from blahvm.lifecycle import teardown
+        from blahvm.model import Outcome
+
+        if not job_id.isdigit():
+            log_event("slurm-epilog", f"no usable SLURM_JOB_ID ({job_id!r}): nothing to tear down")
+            return 0
+        try:
+            site = load_config(config)
+        except ConfigError as error:
+            log_event("slurm-epilog", f"bad config: {error}", job_id=job_id)
+            return 1  # the host cannot clean up: draining it is right
+        result = teardown(site, job_id)
+        log_event("slurm-epilog", result.message, job_id=job_id, user=environ.get("SLURM_JOB_USER"),
+                  log_file=site.host.log_file)
+        # RETRY_ELSEWHERE: the hypervisor or ledger is broken; drain so no more jobs land here
+        return 1 if result.outcome is Outcome.RETRY_ELSEWHERE else 0
+
+    return run_hook("slurm-epilog", body, on_error=1, stderr=False)
+
+
+def task_argv(argv: "Sequence[str]") -> "List[str]":
+    """What runs in the guest: ``-- CMD ARGS`` as given, or a batch script (``SCRIPT ARGS``), whose
+    first line is the ``#!TASK`` job_submit.lua put in front of it."""
+    if not argv:
+        raise ValueError("usage: TASK -- COMMAND [ARG ...] (or as a batch script's interpreter)")
+    if argv[0] == "--":
+        if len(argv) < 2:
+            raise ValueError("no command after --")
+        return list(argv[1:])
+    with open(argv[0], "rb") as stream:
+        text = stream.read()
+    first, _, rest = text.partition(b"\n")
+    if not first.startswith(b"#!"):
+        rest = text
+    if not rest.startswith(b"#!"):
+        rest = b"#!/bin/sh\n" + rest
+    return ["/bin/sh", "-c", BATCH_SHIM, "slurm_script", os.fsdecode(rest), *argv[1:]]
+
+
+def task_main(config: str, argv: "Optional[List[str]]" = None, environ: "Optional[Mapping[str, str]]" = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    environ = dict(os.environ if environ is None else environ)
+
+    def body() -> int:
+        import pwd
+
+        from blahvm.config import ConfigError, load_config
+        from blahvm.lifecycle import launch
+        from blahvm.model import Decision, Job
+        from blahvm.quantities import Size
+
+        try:
+            command = task_argv(argv)
+        except (ValueError, OSError) as error:
+            _say(f"blahvm slurm-task: {error}")
+            return TASK_FAILED
+        job_id = environ.get("SLURM_JOB_ID", "")
+        if not job_id.isdigit():
+            _say("blahvm slurm-task: not inside a Slurm job (no SLURM_JOB_ID)")
+            return TASK_FAILED
+        try:
+            site = load_config(config)
+        except ConfigError as error:
+            _say(f"blahvm slurm-task: {error}")
+            return TASK_FAILED
+        # launch needs only the job's id (its guest's socket) and who to run as: ourselves. The
+        # socket is ours alone (mode 0600), so nothing here is taken on trust from the environment.
+        me = pwd.getpwuid(os.getuid())
+        placeholder = Decision(queue=environ.get("SLURM_JOB_PARTITION", "-"), environment="-", rule="-",
+                               vo=None, memory=Size(0), vcpus=1)
+        job = Job(job_id=job_id, user=me.pw_name, decision=placeholder, uid=os.getuid(), gid=os.getgid(),
+                  workdir=environ.get("SLURM_JOB_WORK_DIR") or None)
+        return launch(site, job, command, env=environ)  # cwd: the shared work dir (job.workdir)
+
+    return run_hook("slurm-task", body, on_error=TASK_FAILED)

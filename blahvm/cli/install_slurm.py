@@ -1,0 +1,81 @@
+"""``blahvm install slurm --dir DIR [--config FILE]``: write the Slurm hooks and print slurm.conf's lines."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+HOOKS = (  # file, function in blahvm.batch.slurm
+    ("prolog", "prolog_main"),
+    ("epilog", "epilog_main"),
+    ("task", "task_main"),
+    ("route", "route_main"),
+)
+TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "plugins", "slurm", "job_submit.lua.in")
+
+
+def add_parser(systems) -> None:
+    parser = systems.add_parser(
+        "slurm", help="Slurm: Prolog, Epilog, the task wrapper and job_submit.lua",
+        description="Write blahvm's Slurm hooks into DIR with the config path fixed into them, and print the "
+                    "slurm.conf lines that enable them. job_submit.lua must then be copied next to slurm.conf.",
+    )
+    parser.add_argument("--dir", required=True, help="where the hooks go (on every node, e.g. /etc/slurm/blahvm)")
+    parser.add_argument("--config", default=None, help="the site config the hooks use (default /etc/blahvm/site.yaml)")
+    parser.add_argument("--slurm-bin", default="/usr/bin", help="where scontrol and scancel are (default /usr/bin)")
+    parser.add_argument("--task-python", default=None,
+                        help="the interpreter of the task wrapper, which runs as the job's user: it must be one "
+                             "every user can execute (default: the one running this command)")
+    parser.set_defaults(run=run)
+
+
+def _problem(path: str) -> "str | None":
+    if not os.path.isabs(path):
+        return "must be an absolute path"
+    if any(c.isspace() or c in "'\"\\\0" for c in path):
+        return "must not contain spaces, quotes or backslashes (it becomes a #! line and a Lua string)"
+    if len(path) > 100:
+        return "is too long for a #! line"
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from blahvm.batch.install import hook_script, install_file
+    from blahvm.cli.common import fail
+    from blahvm.config import DEFAULT_PATH
+
+    directory = os.path.abspath(args.dir)
+    config = os.path.abspath(args.config or DEFAULT_PATH)
+    checked = [("--dir", directory), ("--config", config), ("--slurm-bin", args.slurm_bin)]
+    if args.task_python:
+        checked.append(("--task-python", args.task_python))
+    for label, path in checked:
+        problem = _problem(path)
+        if problem:
+            return fail(f"{label} {path!r}: {problem}")
+    if not os.path.isfile(config):
+        return fail(f"--config {config}: no such file")
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        paths = {}
+        for name, function in HOOKS:
+            extra = {"slurm_bin": args.slurm_bin} if name == "prolog" else None
+            text = hook_script("slurm", "blahvm.batch.slurm", function, config, extra)
+            if name == "task" and args.task_python:
+                text = f"#!{args.task_python} -IS\n" + text.split("\n", 1)[1]
+            paths[name] = os.path.join(directory, name)
+            install_file(paths[name], text, 0o755)
+        with open(TEMPLATE) as stream:
+            lua = stream.read().replace("@ROUTE@", paths["route"]).replace("@TASK@", paths["task"])
+        install_file(os.path.join(directory, "job_submit.lua"), lua, 0o644)
+    except OSError as error:
+        return fail(f"cannot install into {directory}: {error.strerror or error}")
+    print(f"""# blahvm: add to slurm.conf on every host, then copy {directory}/job_submit.lua next to slurm.conf
+JobSubmitPlugins=lua
+Prolog={paths['prolog']}
+Epilog={paths['epilog']}
+PrologFlags=Alloc
+SchedulerParameters=nohold_on_prolog_fail
+# interactive jobs run their command in the guest with: srun {paths['task']} -- COMMAND [ARG ...]""")
+    return 0
