@@ -82,6 +82,10 @@ routes:
     assert isinstance(moved, Job) and moved.decision.queue == "short" and moved.decision.rule == "cms-short"
     # a 20h job sitting in the short queue is not one the rules would put there
     wrong = execution_job(config, "2", Submission(queue="short", vo="cms", user="nobody", walltime=72000))
-    assert wrong == Rejection("not here", "elsewhere")
+    assert wrong == Rejection("no route puts this job in queue short: not here")
     sent_elsewhere = execution_job(config, "3", Submission(queue="grid", vo="cms", user="nobody", walltime=3600))
-    assert sent_elsewhere.reason == "the site's routes send this job to queue short, not grid where it is"
+    assert sent_elsewhere.reason == "no route puts this job in queue grid: not here"
+    # a hint of the queue the user submitted to is tried first, and can only give what the rules give
+    hinted = execution_job(config, "4", Submission(queue="long", vo="cms", user="nobody", walltime=3600),
+                           submitted_to="grid")
+    assert hinted.reason == "no route puts this job in queue long: not here"

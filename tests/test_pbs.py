@@ -230,8 +230,8 @@ def test_torque_prologue_of_a_job_the_rules_refuse_aborts_it(installed):
     argv = ["5.torque", "nobody", "nogroup", "job", "walltime=20:00:00", "short", ""]
     ran = pbs_harness.run_script(str(home / "mom_priv" / "prologue"), argv, cwd=str(home / "mom_priv"))
     assert ran.code == pbs.EXIT_ABORT and ran.stdout == b""
-    assert ran.stderr == b"blahvm: prologue: job 5.torque: rejected on this host: no execution environment is " \
-        b"offered to this VO\n"
+    assert ran.stderr == b"blahvm: prologue: job 5.torque: rejected on this host: no route puts this job in queue " \
+        b"short: no execution environment is offered to this VO\n"
 
 
 def test_openpbs_prologue_requeues_when_qstat_cannot_say(installed, tmp_path):
@@ -309,7 +309,8 @@ def test_execjob_begin_of_a_job_the_rules_refuse_deletes_it(installed):
         "id": "3.vm", "queue": "short", "euser": "nobody", "egroup": "nogroup",
         "Resource_List": {"walltime": "20:00:00", "ncpus": 1}})
     assert done["verdict"] == "reject" and done["delete"] and not done["rerun"]
-    assert done["message"] == "job 3.vm: rejected on this host: no execution environment is offered to this VO"
+    assert done["message"] == ("job 3.vm: rejected on this host: no route puts this job in queue short: "
+                               "no execution environment is offered to this VO")
 
 
 def test_execjob_launch_puts_the_wrapper_in_the_jobs_place(installed):

@@ -103,42 +103,9 @@ def workdir_of(environ: Mapping[str, str], uid: int) -> Optional[str]:
     return path if stat.S_ISDIR(status.st_mode) and status.st_uid == uid and uid != 0 else None
 
 
-def land_in_queue(config, submission, queue: str, submit_queue: Optional[str]):
-    """The decision the rules give ``submission`` that runs in ``queue``, else a Rejection.
-
-    LSF runs a job in the queue the esub chose, which is usually not the one the user submitted
-    to (``grid`` routes to ``short``). So the submission is routed as if submitted to the queue the
-    user named (``submit_queue``, a hint), to ``queue`` itself, then to each configured queue in
-    order; the first decision whose queue is ``queue`` wins. Whatever the hints say, the result
-    is a decision the rules give to some submission with the vouched facts that lands in ``queue``.
-    """
-    from blahvm.model import Rejection
-    from blahvm.routing.engine import route
-
-    if queue not in config.queues:
-        return Rejection(reason=f"queue {queue!r} is not one of blahvm's queues")
-    order = [q for q in (submit_queue, queue) if q in config.queues]
-    order += [q for q in config.queues if q not in order]
-    first_refusal = None
-    for candidate in order:
-        decision = route(config, submission.__class__(**{**_fields(submission), "queue": candidate}))
-        if isinstance(decision, Rejection):
-            first_refusal = first_refusal or decision
-            continue
-        if decision.queue == queue:
-            return decision
-    reason = first_refusal.reason if first_refusal else "the rules send it elsewhere"
-    return Rejection(reason=f"no route puts this job in queue {queue}: {reason}")
-
-
-def _fields(submission) -> dict:
-    import attrs
-
-    return attrs.asdict(submission, recurse=False)
-
-
 def lsf_job(config, environ: Mapping[str, str]):
     """The ``Job`` this host runs for the LSF job in ``environ`` (raises NotRunnable)."""
+    from blahvm.batch.execution import route_in_queue
     from blahvm.model import Job, Rejection, Submission
     from blahvm.quantities import Duration, Size
 
@@ -165,7 +132,7 @@ def lsf_job(config, environ: Mapping[str, str]):
         environment=_hint_name(environ, "BLAHVM_ENVIRONMENT"),
         name=environ.get("LSB_JOBNAME") or None,
     )
-    decision = land_in_queue(config, submission, queue, _hint_name(environ, "BLAHVM_SUBMIT_QUEUE"))
+    decision = route_in_queue(config, submission, _hint_name(environ, "BLAHVM_SUBMIT_QUEUE"))
     if isinstance(decision, Rejection):
         raise NotRunnable(f"job {job_id}: {decision.reason}")
     return Job(job_id=job_id, user=account.pw_name, decision=decision, uid=account.pw_uid,
