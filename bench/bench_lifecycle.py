@@ -132,8 +132,15 @@ def main() -> None:
     parser.add_argument("--quick-runs", type=int, default=5, help="runs per path without waiting (default 5)")
     parser.add_argument("--clone-runs", type=int, default=7, help="overlay clones per golden size (default 7)")
     parser.add_argument("--image-dir", default=DEFAULT_DEST)
-    args = parser.parse_args()
+    measure(parser.parse_args())
 
+
+def measure(args, echo: bool = True) -> "Table":
+    """Every row of the table (label, samples in seconds); ``args`` as main parses them.
+
+    Keys for other scripts: ``rows.figures`` maps short names (clone_100m, clone_2g, bare, blahvm,
+    prepare, teardown, ready, bare_nowait, blahvm_nowait) to their sample lists.
+    """
     ensure_libvirt(URI, timeout=90)
     demo = build_demo_image(args.image_dir)
     os.makedirs("/var/lib/blahvm", exist_ok=True)
@@ -147,7 +154,7 @@ def main() -> None:
         host=HostConfig(max_guests=2, state_dir=os.path.join(where, "state"), run_dir=os.path.join(where, "run")),
         environments={"demo": demo.environment("demo")},
     )
-    rows = Table()
+    rows = Table(echo=echo)
     try:
         with open_connection(URI, timeout=60) as conn:
             pool = ClonePool.ensure(conn, pool_name, config.hypervisor.pool_path)
@@ -158,6 +165,8 @@ def main() -> None:
                 with open(path, "wb") as golden:
                     golden.truncate(size)  # sparse: clone time must not depend on it anyway
                 overlay, copy = clone_times(pool, path, args.clone_runs)
+                rows.figures[f"clone_{'100m' if size == 100 * MiB else '2g'}"] = overlay
+                rows.figures[f"copy_{'100m' if size == 100 * MiB else '2g'}"] = copy
                 rows.append((f"clone overlay, {label} golden", overlay))
                 rows.append((f"clone full copy, {label} golden (contrast)", copy))
 
@@ -177,6 +186,11 @@ def main() -> None:
                     teardowns.append(torn)
                     readies.append(phases.get("ready", 0.0))
                 tag = "" if wait else " (no wait)"
+                key = "" if wait else "_nowait"
+                rows.figures.update({f"bare{key}": bares, f"blahvm{key}": totals, f"prepare{key}": prepares,
+                                     f"teardown{key}": teardowns})
+                if wait:
+                    rows.figures["ready"] = readies
                 rows.append((f"bare libvirt: clone+define+start{'+hello' if wait else ''}+destroy+delete{tag}", bares))
                 rows.append((f"blahvm: prepare{' to running' if wait else ''}{tag}", prepares))
                 rows.append((f"blahvm: teardown{tag}", teardowns))
@@ -190,6 +204,7 @@ def main() -> None:
                              f"({'meets' if met else 'misses'} the target)", None))
     finally:
         cleanup(config, pool_name, where)
+    return rows
 
 
 class Table(list):
@@ -197,8 +212,15 @@ class Table(list):
 
     WIDTH = 72
 
+    def __init__(self, echo: bool = True) -> None:
+        super().__init__()
+        self.echo = echo
+        self.figures = {}
+
     def append(self, row) -> None:
         super().append(row)
+        if not self.echo:
+            return
         if len(self) == 1:
             print(f"{'what':<{self.WIDTH}}  {'runs':>4}  {'median ms':>9}  range ms", flush=True)
         label, samples = row

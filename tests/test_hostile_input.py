@@ -1,0 +1,400 @@
+"""Hostile input through the real entry points, fuzzed with Hypothesis: LSF parameter files (the installed
+esub, as the user), PBS argv (the installed prologue and epilogue, as the mom runs them) and hook
+attributes (the installed OpenPBS hook under the stand-in pbs module), Slurm environment variables
+(the Prolog and Epilog entry functions), YAML config (``blahvm check``) and agent frames (the agent on a
+UNIX socket). Each must end with a defined exit code or verdict, never a traceback, and never run a
+command hidden in a string: every string field carries ``$(touch CANARY)`` and backquotes among the
+fuzzed values, and the canary file must never appear.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import uuid
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from blahvm.guest import agent
+from blahvm.guest.client import wait_ready
+from tests import lsf_harness as lsf
+from tests import pbs_harness
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CANARY = f"/tmp/blahvm-hostile-{uuid.uuid4().hex}"
+INJECTIONS = [f"$(touch {CANARY})", f"`touch {CANARY}`", f"; touch {CANARY}", f"| touch {CANARY}",
+              f"\"; touch {CANARY}; echo \"", f"'$(touch {CANARY})'", f"\n touch {CANARY}\n", f"&& touch {CANARY}"]
+FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+# a string a user could put anywhere: shell tricks, quotes, newlines, NULs, non-ASCII, long runs
+hostile_text = st.one_of(
+    st.sampled_from(INJECTIONS),
+    st.text(max_size=40),
+    st.text(alphabet="$`'\"\\;|&()<>{}[]*?~!#\n\t =%", max_size=20),
+    st.builds(lambda a, b: a + b, st.sampled_from(INJECTIONS), st.text(max_size=10)),
+    st.just("x" * 5000),
+)
+
+
+def no_canary():
+    assert not os.path.exists(CANARY), "a string from the user was run as a command"
+
+
+def no_traceback(*texts):
+    for text in texts:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        assert "Traceback" not in (text or ""), text
+
+
+@pytest.fixture(scope="module", autouse=True)
+def canary_never_appears():
+    yield
+    try:
+        no_canary()
+    finally:
+        if os.path.exists(CANARY):
+            os.unlink(CANARY)
+
+
+# -- LSF: the parameter file through the installed esub, as the submitting user ------------------
+
+LSF_SITE = """\
+hypervisor: {{uri: "test:///default", pool: blahvm-hostile, pool_path: {d}/clones}}
+host: {{max_guests: 2, state_dir: {d}/state, run_dir: {d}/run}}
+defaults: {{walltime: 1h, cores: 1}}
+vo_mapping:
+  - {{account: "^(?P<vo>cms|atlas)$"}}
+environments:
+  slc4: {{image: {d}/golden.qcow2, flavour: kvm, memory: 256MiB, vcpus: 1}}
+queues: {{grid: {{}}, short: {{max_walltime: 10h}}}}
+routes:
+  - {{name: cms, when: {{queue: grid, vo: cms}}, queue: short, environment: slc4}}
+  - {{name: nobody-else, reject: "no execution environment is offered to this VO"}}
+"""
+
+
+@pytest.fixture(scope="module")
+def lsf_site():
+    directory = tempfile.mkdtemp(prefix="blahvm-hostile-lsf-", dir="/var/tmp")
+    os.chmod(directory, 0o755)
+    config = os.path.join(directory, "site.yaml")
+    with open(config, "w") as stream:
+        stream.write(LSF_SITE.format(d=directory))
+    os.chmod(config, 0o644)
+    serverdir = os.path.join(directory, "serverdir")
+    os.mkdir(serverdir, 0o755)
+    done = lsf.install(serverdir, config, os.path.join(directory, "cache"))
+    assert done.returncode == 0, done.stderr
+    yield serverdir
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+LSF_KEYS = ["LSB_SUB_QUEUE", "LSB_SUB_PROJECT_NAME", "LSB_SUB_JOB_NAME", "LSB_SUB_ADDITIONAL", "LSB_SUB_RES_REQ",
+            "LSB_SUB_RLIMIT_RUN", "LSB_SUB_NUM_PROCESSORS", "LSB_SUB_COMMAND_LINE", "LSB_SUB_OUT_FILE",
+            "LSB_SUB_USER_GROUP", "LSB_SUB_MODIFY", "LSB_SUB_HOSTS", "LSB_SUB_MEM_LIMIT", "BOGUS"]
+
+
+@st.composite
+def parameter_files(draw):
+    lines = []
+    for _ in range(draw(st.integers(0, 8))):
+        key = draw(st.sampled_from(LSF_KEYS))
+        value = draw(hostile_text)
+        quoting = draw(st.sampled_from(['{k}="{v}"', "{k}={v}", "{k}='{v}'", "{v}", '{k}="{v}']))
+        lines.append(quoting.format(k=key, v=value))
+    return "\n".join(lines) + draw(st.sampled_from(["", "\n", "\r\n"]))
+
+
+@FUZZ
+@given(text=parameter_files())
+def test_lsf_parameter_files_through_the_esub(lsf_site, text):
+    done = lsf.run_esub(lsf_site, text)
+    assert done.code in (0, lsf.ABORT), (done.code, done.stderr)
+    no_traceback(done.stderr, done.stdout)
+    assert done.stdout == b""  # the esub's stdout feeds eexec: never chatter
+    no_canary()
+
+
+# -- PBS: prologue and epilogue argv as the mom passes it; the OpenPBS hook's attributes ----------
+
+PBS_SITE = """\
+hypervisor: {{uri: "test:///default", pool: blahvm-hostile-pbs, pool_path: /var/lib/blahvm/hostile-clones, timeout: 10}}
+host: {{max_guests: 2, state_dir: {d}/state, run_dir: {d}/run}}
+defaults: {{walltime: 1h, cores: 1}}
+vo_mapping:
+  - {{user: "^(?P<vo>nobody)$"}}
+environments:
+  demo: {{image: {d}/golden.raw, sha256: {sha}, flavour: kvm, memory: 256MiB, vcpus: 2}}
+queues: {{grid: {{}}, short: {{max_walltime: 10h}}}}
+routes:
+  - {{name: nobody-short, when: {{queue: [grid, short], vo: nobody}}, queue: short, environment: demo}}
+  - {{name: others, reject: "no execution environment is offered to this VO"}}
+"""
+
+
+@pytest.fixture(scope="module")
+def pbs_home():
+    directory = tempfile.mkdtemp(prefix="blahvm-hostile-pbs-", dir="/var/tmp")
+    image = os.path.join(directory, "golden.raw")
+    with open(image, "wb") as stream:
+        stream.write(b"\0" * 1024 * 1024)
+    # a checksum the golden fails: a job that routes fails fast instead of waiting for a guest
+    config = os.path.join(directory, "site.yaml")
+    with open(config, "w") as stream:
+        stream.write(PBS_SITE.format(d=directory, sha="0" * 64))
+    home = os.path.join(directory, "pbs_home")
+    os.makedirs(os.path.join(home, "mom_priv"))
+    qstat = os.path.join(directory, "qstat")
+    with open(qstat, "w") as stream:
+        stream.write("#!/bin/sh\necho '{}'\n")
+    os.chmod(qstat, 0o755)
+    done = subprocess.run([sys.executable, "-m", "blahvm.cli.main", "install", "pbs", "--home", home, "--config",
+                           config, "--qstat", qstat, "--budget", "6", "--python", pbs_harness.SYSTEM_PYTHON],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    yield home
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+pbs_argv = st.lists(st.one_of(hostile_text.filter(lambda s: "\0" not in s),
+                              st.sampled_from(["nobody", "123.server", "grid", "short", "0", "-1", "walltime=01:00:00"])),
+                    max_size=12)
+
+
+@FUZZ
+@given(argv=pbs_argv)
+def test_pbs_prologue_argv(pbs_home, argv):
+    ran = pbs_harness.run_script(os.path.join(pbs_home, "mom_priv", "prologue"), argv,
+                                 cwd=os.path.join(pbs_home, "mom_priv"), alarm=60)
+    assert ran.code in (0, 1, 2), (ran.code, ran.stderr)  # go on, abort, requeue (docs/pbs.md)
+    no_traceback(ran.stdout, ran.stderr)
+    no_canary()
+
+
+@FUZZ
+@given(argv=pbs_argv)
+def test_pbs_epilogue_argv(pbs_home, argv):
+    ran = pbs_harness.run_script(os.path.join(pbs_home, "mom_priv", "epilogue"), argv, cwd="/", alarm=60)
+    assert ran.code in (0, 1, 2), (ran.code, ran.stderr)
+    no_traceback(ran.stdout, ran.stderr)
+    no_canary()
+
+
+attribute_values = st.one_of(hostile_text, st.none(), st.integers(-2**40, 2**40),
+                             st.lists(hostile_text, max_size=3), st.dictionaries(hostile_text, hostile_text, max_size=3))
+
+
+@st.composite
+def hook_events(draw):
+    kind = draw(st.sampled_from(["queuejob", "execjob_begin", "execjob_launch", "execjob_end", "exechost_periodic"]))
+    resources = draw(st.dictionaries(st.sampled_from(["walltime", "select", "ncpus", "mem", "blahvm_env", "nodes"]),
+                                     hostile_text, max_size=4))
+    job = {"id": draw(st.one_of(st.just("12.server"), hostile_text)), "queue": draw(st.one_of(st.just("grid"), hostile_text)),
+           "Account_Name": draw(st.one_of(st.none(), hostile_text)), "Job_Name": draw(hostile_text),
+           "euser": draw(st.one_of(st.just("nobody"), hostile_text)), "Resource_List": resources,
+           "Variable_List": draw(st.dictionaries(hostile_text, hostile_text, max_size=3))}
+    event = {"type": kind, "requestor": draw(st.one_of(st.just("nobody"), hostile_text)), "job": job}
+    if draw(st.booleans()):
+        event["progname"] = draw(hostile_text)
+        event["argv"] = draw(st.lists(hostile_text, max_size=4))
+    return event
+
+
+@FUZZ
+@given(event=hook_events())
+def test_pbs_hook_attributes(pbs_home, event):
+    event.update({"hook_config": os.path.join(pbs_home, "blahvm", "blahvm_hook.json"),
+                  "queues": ["workq", "grid", "short"], "default_queue": "workq"})
+    try:
+        done = pbs_harness.run_hook(os.path.join(pbs_home, "blahvm", "blahvm_hook.py"), event)
+    except (AssertionError, json.JSONDecodeError) as error:
+        # the stand-in could not even build the event (values PBS itself would never hand over)
+        assert "Traceback" not in str(error) or "pbs.py" in str(error), error
+        return
+    assert done.get("verdict") in ("accept", "reject"), done
+    assert not done.get("unhandled"), done
+    no_traceback(done["stdout"], done["stderr"])
+    no_canary()
+
+
+# -- Slurm: the job's environment through the Prolog and Epilog entry functions ----------------
+
+SLURM_RUNNER = """
+import json, sys
+sys.path.insert(0, {root!r})
+from blahvm.batch import slurm
+config, which, bin_dir, env_file = sys.argv[1:5]
+with open(env_file) as stream:
+    environ = json.load(stream)
+if which == "prolog":
+    code = slurm.prolog_main(config, slurm_bin=bin_dir, environ=environ)
+else:
+    code = slurm.epilog_main(config, environ=environ)
+sys.exit(code)
+"""
+
+
+@pytest.fixture(scope="module")
+def slurm_site(pbs_home):
+    directory = os.path.dirname(pbs_home)
+    bin_dir = os.path.join(directory, "slurm-bin")
+    os.mkdir(bin_dir)
+    for tool in ("scontrol", "scancel"):  # what the prolog asks of Slurm: recorded, always fine
+        path = os.path.join(bin_dir, tool)
+        with open(path, "w") as stream:
+            stream.write(f"#!/bin/sh\necho {tool} \"$@\" >> {bin_dir}/calls\n")
+        os.chmod(path, 0o755)
+    return os.path.join(directory, "site.yaml"), bin_dir
+
+
+SLURM_KEYS = ["SLURM_JOB_ID", "SLURM_JOB_USER", "SLURM_JOB_UID", "SLURM_JOB_GID", "SLURM_JOB_PARTITION",
+              "SLURM_JOB_ACCOUNT", "SLURM_JOB_CONSTRAINTS", "SLURM_JOB_NAME", "SLURM_JOB_CPUS_PER_NODE",
+              "SLURM_JOB_TIME_LIMIT", "SLURM_TIME_LIMIT", "SLURM_MEM_PER_NODE", "SLURM_JOB_WORK_DIR", "BLAHVM_CONFIG"]
+
+
+@st.composite
+def slurm_environments(draw):
+    environ = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": draw(st.one_of(st.integers(1, 10**12).map(str), hostile_text))}
+    for key in draw(st.lists(st.sampled_from(SLURM_KEYS), max_size=8)):
+        environ[key] = draw(st.one_of(hostile_text, st.sampled_from(["nobody", "65534", "grid", "1-00:00:00", "0"])))
+    return {k: v.replace("\0", "") for k, v in environ.items()}
+
+
+@FUZZ
+@given(environ=slurm_environments(), which=st.sampled_from(["prolog", "epilog"]))
+def test_slurm_environment_through_prolog_and_epilog(slurm_site, tmp_path_factory, environ, which):
+    config, bin_dir = slurm_site
+    env_file = tmp_path_factory.mktemp("slurm") / "env.json"
+    env_file.write_text(json.dumps(environ))
+    done = subprocess.run([sys.executable, "-c", SLURM_RUNNER.format(root=ROOT), config, which, bin_dir, str(env_file)],
+                          capture_output=True, timeout=60, cwd="/", env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode in (0, 1), (done.returncode, done.stderr)  # 1: drain (epilog only)
+    no_traceback(done.stdout, done.stderr)
+    no_canary()
+
+
+# -- YAML config through `blahvm check` ---------------------------------------------------------
+
+yaml_scalars = st.one_of(hostile_text, st.integers(), st.floats(allow_nan=True), st.booleans(), st.none(),
+                         st.sampled_from(["1GiB", "-5", "10h", "<= 10h", "kvm", "xen-pv", "../../etc/passwd",
+                                          "/etc/shadow", "!!python/object/apply:os.system ['touch " + CANARY + "']"]))
+yaml_values = st.recursive(yaml_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.one_of(hostile_text, st.sampled_from(
+        ["uri", "pool", "max_guests", "memory", "image", "sha256", "flavour", "when", "queue", "environment", "name",
+         "reject", "vo", "walltime", "user"])), inner, max_size=4)), max_leaves=12)
+TOP_KEYS = ["hypervisor", "host", "environments", "queues", "routes", "vo_mapping", "defaults", "bogus"]
+
+
+@st.composite
+def yaml_documents(draw):
+    if draw(st.integers(0, 4)) == 0:  # raw text: broken YAML, tags, anchors, tabs
+        return draw(st.one_of(hostile_text, st.sampled_from([
+            f"!!python/object/apply:os.system ['touch {CANARY}']\n", "a: &x [*x]\n", "routes: [\n", "\t- x\n",
+            "a: b: c\n", "%YAML 9.9\n---\n", "? [a]\n: b\n", "queues: !!binary AAAA\n"])))
+    import yaml
+
+    document = draw(st.dictionaries(st.sampled_from(TOP_KEYS), yaml_values, max_size=6))
+    return yaml.safe_dump(document, allow_unicode=True)
+
+
+@FUZZ
+@given(text=yaml_documents())
+def test_yaml_config_through_blahvm_check(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("cfg") / "site.yaml"
+    path.write_text(text, encoding="utf-8", errors="surrogateescape")
+    blahvm = os.path.join(os.path.dirname(sys.executable), "blahvm")
+    done = subprocess.run([blahvm, "check", "--config", str(path)], capture_output=True, timeout=60, cwd="/tmp")
+    assert done.returncode in (0, 2), (done.returncode, done.stderr)
+    no_traceback(done.stdout, done.stderr)
+    no_canary()
+
+
+# -- agent frames over a UNIX socket ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def agent_socket():
+    directory = tempfile.mkdtemp(prefix="blahvm-hostile-agent-")
+    script = os.path.join(directory, "agent.py")
+    shutil.copy(agent.__file__, script)
+    sock = os.path.join(directory, "agent.0.sock")
+    log = open(os.path.join(directory, "agent.log"), "w+")
+    process = subprocess.Popen(["/usr/bin/python3", "-I", script, "--listen", sock], stderr=log, cwd="/")
+    wait_ready(sock, timeout=30)
+    yield sock, process, log
+    process.kill()
+    process.wait()
+    log.close()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def raw_frame(kind: int, payload: bytes) -> bytes:
+    return agent.HEADER.pack(agent.MAGIC, kind, len(payload)) + payload
+
+
+json_values = st.recursive(st.one_of(hostile_text, st.integers(), st.none(), st.booleans()),
+                           lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                   st.dictionaries(hostile_text, inner, max_size=3)), max_leaves=8)
+
+
+@st.composite
+def conversations(draw):
+    """What a hostile client sends: raw bytes, frames of any kind and length, control messages of any shape."""
+    chunks = []
+    for _ in range(draw(st.integers(1, 5))):
+        choice = draw(st.integers(0, 4))
+        if choice == 0:
+            chunks.append(draw(st.binary(max_size=64)))
+        elif choice == 1:
+            chunks.append(raw_frame(draw(st.integers(0, 255)), draw(st.binary(max_size=64))))
+        elif choice == 2:
+            message = draw(st.dictionaries(st.sampled_from(["type", "argv", "env", "cwd", "uid", "gid", "nonce",
+                                                             "protocol", "session", "signal"]), json_values, max_size=6))
+            chunks.append(raw_frame(agent.CONTROL, json.dumps(message).encode()))
+        elif choice == 3:
+            argv = ["/bin/sh", "-c", "exit 0", draw(hostile_text)] if draw(st.booleans()) else [draw(hostile_text)]
+            message = {"type": "exec", "argv": argv, "env": {draw(hostile_text): draw(hostile_text)},
+                       "cwd": draw(st.one_of(st.just("/"), hostile_text)), "uid": draw(st.integers(-5, 70000)),
+                       "gid": 65534}
+            chunks.append(raw_frame(agent.CONTROL, json.dumps(message).encode()))
+        else:  # a header announcing more than the agent accepts
+            chunks.append(agent.HEADER.pack(agent.MAGIC, agent.CONTROL, draw(st.integers(2**20 + 1, 2**32 - 1))))
+    return chunks
+
+
+@FUZZ
+@given(chunks=conversations())
+def test_agent_frames(agent_socket, chunks):
+    sock_path, process, log = agent_socket
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(10)
+    try:
+        client.connect(sock_path)
+        for chunk in chunks:
+            try:
+                client.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        client.shutdown(socket.SHUT_WR)
+        try:
+            while client.recv(65536):
+                pass
+        except (socket.timeout, ConnectionResetError):
+            pass
+    finally:
+        client.close()
+    assert process.poll() is None, "the agent died"
+    wait_ready(sock_path, timeout=30)  # and still serves the next host
+    log.seek(0)
+    no_traceback(log.read())
+    no_canary()
