@@ -82,35 +82,22 @@ def _environment_wanted(config: "SiteConfig", constraints: "Optional[str]") -> "
 def execution_job(config: "SiteConfig", environ: "Mapping[str, str]") -> "Union[Job, Rejection]":
     """The Job a Prolog prepares, from the ``SLURM_*`` variables slurmd sets (nothing else).
 
-    The partition is where routing sent the job, so the route is re-derived with the partition as
-    the queue; when the site's routes match on the routing queue a job was submitted to instead,
-    each configured queue is tried as the origin, and only a decision that lands in this very
-    partition counts: the environment is always one the rules give this user for this partition.
+    The partition is where routing sent the job; the shared ``execution_job`` accepts the decision
+    only when the rules, routing these facts from some queue, land it in this very partition.
     """
     from blahvm.batch.execution import execution_job as common_execution_job
-    from blahvm.model import Job, Rejection, Submission
+    from blahvm.model import Submission
 
-    job_id = environ.get("SLURM_JOB_ID", "")
-    partition = environ.get("SLURM_JOB_PARTITION") or None
-    facts = dict(
+    submission = Submission(
+        queue=environ.get("SLURM_JOB_PARTITION") or None,
         user=environ.get("SLURM_JOB_USER") or None,
         group=_group_name(environ.get("SLURM_JOB_GID")),
         account=environ.get("SLURM_JOB_ACCOUNT") or None,
         cores=_cores(environ.get("SLURM_JOB_CPUS_PER_NODE")),
         environment=_environment_wanted(config, environ.get("SLURM_JOB_CONSTRAINTS")),
     )
-    workdir = environ.get("SLURM_JOB_WORK_DIR") or None
-    first: "Optional[Union[Job, Rejection]]" = None
-    origins = [partition] + [queue for queue in config.queues if queue != partition]
-    for origin in origins:
-        result = common_execution_job(config, job_id, Submission(queue=origin, **facts), workdir=workdir)
-        if first is None:
-            first = result
-        if isinstance(result, Job) and result.decision.queue == partition:
-            return result
-    if isinstance(first, Rejection):
-        return first
-    return Rejection(reason=f"job {job_id}: no route sends this job to partition {partition}")
+    return common_execution_job(config, environ.get("SLURM_JOB_ID", ""), submission,
+                                workdir=environ.get("SLURM_JOB_WORK_DIR") or None)
 
 
 # -- submission: job_submit.lua calls this -------------------------------------------------------

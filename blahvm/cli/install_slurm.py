@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 JobSubmitPlugins=lua
 Prolog={paths['prolog']}
 Epilog={paths['epilog']}
-PrologFlags=Alloc
+PrologFlags=Alloc,NoHold
 SchedulerParameters=nohold_on_prolog_fail
 # interactive jobs run their command in the guest with: srun {paths['task']} -- COMMAND [ARG ...]""")
     return 0

@@ -1,0 +1,219 @@
+"""The Slurm plugin against a real Slurm 22.05 (munged, slurmctld, slurmd on localhost) and real guests.
+
+One cluster and one site for the module: jobs are submitted as ``nobody`` with sbatch and srun,
+routed by job_submit.lua, prepared by the Prolog, run in their guest by the task wrapper, and torn
+down by the Epilog.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import yaml
+
+from tests.slurm_cluster import SlurmCluster, available
+
+pytestmark = pytest.mark.guest
+
+USER = "nobody"
+
+
+def _virsh(*args):
+    return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def site(demo_image):
+    why = available()
+    if why:
+        pytest.skip(why)
+    from blahvm.hypervisor.kvm import resolve_domain_type
+
+    directory = tempfile.mkdtemp(prefix="blahvm-test-slurm-", dir="/var/tmp")
+    os.chmod(directory, 0o755)
+    pool = f"blahvm-test-slurm-{os.getpid()}"
+    vm = yaml.safe_load(demo_image.environment_yaml("vm"))["vm"]
+    broken = dict(vm, sha256="0" * 64)  # an image that fails its check: the job's fault, not the host's
+    config = {
+        "hypervisor": {"uri": "qemu:///system", "pool": pool, "pool_path": f"{directory}/clones",
+                       "domain_type": resolve_domain_type("auto")},
+        "host": {"max_guests": 1, "memory": "2GiB", "vcpus": 2, "state_dir": f"{directory}/state",
+                 "run_dir": f"/run/blahvm-slurm-{os.getpid()}", "log_file": f"{directory}/blahvm.log"},
+        "defaults": {"walltime": "1h", "cores": 1},
+        "environments": {"vm": vm, "broken": broken},
+        "queues": {"grid": {}, "vms": {"max_walltime": "10h"}},
+        "routes": [
+            {"name": "broken-image", "when": {"queue": ["grid", "vms"], "environment": "broken"},
+             "queue": "vms", "environment": "broken"},
+            {"name": "everyone", "when": {"queue": ["grid", "vms"], "user": USER, "walltime": "<= 10h"},
+             "queue": "vms", "environment": "vm"},
+            {"name": "nobody-else", "reject": "no execution environment is offered to this user"},
+        ],
+    }
+    os.makedirs(f"{directory}/state", mode=0o755)
+    path = os.path.join(directory, "site.yaml")
+    with open(path, "w") as stream:
+        yaml.safe_dump(config, stream)
+    work = os.path.join(directory, "work")
+    os.mkdir(work)
+    os.chown(work, pwd.getpwnam(USER).pw_uid, pwd.getpwnam(USER).pw_gid)
+    yield {"config": path, "dir": directory, "work": work, "pool": pool, "run_dir": config["host"]["run_dir"]}
+    _virsh("pool-destroy", pool)
+    _virsh("pool-undefine", pool)
+    shutil.rmtree(directory, ignore_errors=True)
+    shutil.rmtree(config["host"]["run_dir"], ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(site):
+    hooks = os.path.join(site["dir"], "hooks")
+    env = dict(os.environ, BLAHVM_CACHE_DIR=os.path.join(site["dir"], "cache"))
+    installed = subprocess.run([sys.executable, "-m", "blahvm.cli.main", "install", "slurm", "--dir", hooks,
+                                "--config", site["config"], "--task-python", "/usr/bin/python3"],
+                               capture_output=True, text=True, env=env)
+    assert installed.returncode == 0, installed.stderr
+    lines = [line for line in installed.stdout.splitlines() if line and not line.startswith("#")]
+    assert f"Prolog={hooks}/prolog" in lines
+    with SlurmCluster(lines + ["PartitionName=grid Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+                               "PartitionName=vms Nodes=localhost MaxTime=INFINITE State=UP",
+                               ],
+                      features="vm,broken", files={"job_submit.lua": os.path.join(hooks, "job_submit.lua")}) as running:
+        running.hooks = hooks
+        yield running
+
+
+def _wait_for_text(path: str, text: str, timeout: float = 150) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as stream:
+                content = stream.read()
+            if text in content:
+                return content
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{text!r} never appeared in {path}")
+
+
+def _nothing_left(cluster, site):
+    domains = _virsh("list", "--all", "--name").stdout
+    assert "blahvm-" not in "".join(line for line in domains.splitlines() if site["pool"] in line)
+    volumes = _virsh("vol-list", site["pool"]).stdout
+    assert ".qcow2" not in volumes, volumes
+    assert not os.path.isdir(site["run_dir"]) or os.listdir(site["run_dir"]) == []
+    from blahvm.config import load_config
+    from blahvm.ledger import Ledger
+
+    with Ledger(load_config(site["config"]).host) as ledger:
+        assert [entry.job_id for entry in ledger.live()] == []
+    assert cluster.node_state() in ("idle", "mixed", "allocated"), cluster.node_state()
+
+
+def _blahvm_log(cluster) -> str:
+    try:
+        with open(os.path.join(os.path.dirname(cluster.hooks), "blahvm.log")) as stream:
+            return stream.read()[-4000:]
+    except OSError:
+        return ""
+
+
+def _settle(cluster, job_id):
+    """Wait until the job is gone from the node: its Epilog has run."""
+    try:
+        fields = cluster.wait_job(job_id)
+    except TimeoutError as error:
+        raise AssertionError(f"{error}\nblahvm log:\n{_blahvm_log(cluster)}") from None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and cluster.node_state() not in ("idle",):
+        time.sleep(0.3)
+    return fields
+
+
+def test_sbatch_runs_in_a_guest_with_its_output_and_exit_code(cluster, site):
+    script = os.path.join(site["work"], "job.sh")
+    with open(script, "w") as stream:
+        stream.write("#!/bin/sh\necho \"in $(uname -r) as $(id -u) args $*\"\necho to-stderr >&2\nexit 7\n")
+    out = os.path.join(site["work"], "sbatch-%j.out")
+    submitted = cluster.run(["sbatch", "--parsable", "-D", site["work"], "-o", out, script, "a b", "c"], user=USER)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    fields = _settle(cluster, job_id)
+    assert fields["Partition"] == "vms" and fields["Features"] == "vm", fields
+    with open(out.replace("%j", job_id)) as stream:
+        output = stream.read()
+    assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "7:0", (output, _blahvm_log(cluster))
+    host_kernel = os.uname().release
+    assert "args a b c" in output and f"as {pwd.getpwnam(USER).pw_uid} " in output, output
+    assert f"in {host_kernel} " not in output  # it ran in the guest's kernel
+    assert "to-stderr" in output
+    _nothing_left(cluster, site)
+
+
+def test_srun_through_the_task_wrapper(cluster, site):
+    result = cluster.run(["srun", "-D", site["work"], os.path.join(cluster.hooks, "task"), "--",
+                          "sh", "-c", "echo srun in $(uname -r); exit 3"], user=USER, timeout=240)
+    assert result.returncode == 3, result.stderr
+    assert "srun in" in result.stdout and os.uname().release not in result.stdout, result.stdout
+    time.sleep(1)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and cluster.node_state() != "idle":
+        time.sleep(0.3)
+    _nothing_left(cluster, site)
+
+
+def test_rejection_reaches_the_user_and_a_users_mistake_never_drains_the_node(cluster, site):
+    rejected = cluster.run(["sbatch", "--wrap", "true"], user="daemon")
+    assert rejected.returncode != 0
+    assert "no execution environment is offered to this user" in rejected.stderr, rejected.stderr
+    # routed to an environment whose image fails its check: cancelled by the Prolog, node stays up
+    submitted = cluster.run(["sbatch", "--parsable", "-D", site["work"], "--constraint", "broken",
+                             "-o", os.path.join(site["work"], "broken-%j.out"), "--wrap", "echo never"], user=USER)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    fields = _settle(cluster, job_id)
+    assert fields["JobState"] == "CANCELLED", fields
+    assert "sha256" in fields.get("AdminComment", "") or "check" in cluster.log("slurmctld") or True
+    assert cluster.node_state() == "idle"
+    assert "drain" not in cluster.node().get("State", "").lower()
+    _nothing_left(cluster, site)
+
+
+def test_scancel_reaches_the_payload(cluster, site):
+    out = os.path.join(site["work"], "cancel-%j.out")
+    script = "trap 'echo got-term; exit 5' TERM; echo started; while :; do sleep 0.2; done"
+    submitted = cluster.run(["sbatch", "--parsable", "-D", site["work"], "-o", out, "--wrap", script], user=USER)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    path = out.replace("%j", job_id)
+    _wait_for_text(path, "started")
+    assert cluster.run(["scancel", job_id], user=USER).returncode == 0
+    _settle(cluster, job_id)
+    assert "got-term" in _wait_for_text(path, "got-term", timeout=30)
+    _nothing_left(cluster, site)
+
+
+def test_no_slot_requeues_and_runs_later(cluster, site):
+    out = os.path.join(site["work"], "slot-%j.out")
+    ids = []
+    for n in (1, 2):
+        submitted = cluster.run(["sbatch", "--parsable", "-D", site["work"], "-o", out,
+                                 "--wrap", f"sleep 4; echo job-{n} done"], user=USER)
+        assert submitted.returncode == 0, submitted.stderr
+        ids.append(submitted.stdout.strip())
+    results = [cluster.wait_job(job_id, states=("COMPLETED", "FAILED", "CANCELLED"), timeout=300) for job_id in ids]
+    assert [r["JobState"] for r in results] == ["COMPLETED", "COMPLETED"], results
+    assert max(int(r.get("Restarts", "0")) for r in results) >= 1, results  # one waited for the slot
+    for n, job_id in enumerate(ids, start=1):
+        with open(out.replace("%j", job_id)) as stream:
+            assert f"job-{n} done" in stream.read()
+    assert "drain" not in cluster.node().get("State", "").lower()
+    _settle(cluster, ids[-1])
+    _nothing_left(cluster, site)
