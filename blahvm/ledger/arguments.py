@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Iterable, Union
+from typing import Iterable, Tuple, Union
 
 from blahvm.ledger.entries import LIVE_STATES, State
 from blahvm.ledger.processes import process_start_time
@@ -39,6 +39,15 @@ def column_updates(fields: dict) -> dict:
         columns["pid"] = pid
         columns["pid_start"] = process_start_time(pid)
     return columns
+
+
+def guest_names(names: Iterable[str]) -> Tuple[str, ...]:
+    if isinstance(names, str):
+        raise ValueError(f"lease must be a list of guest names, not {names!r}")
+    names = tuple(names)
+    for name in names:
+        require_text("guest", name)
+    return names
 
 
 def states(states: States) -> frozenset:

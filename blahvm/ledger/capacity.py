@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from blahvm.ledger.entries import Capacity, Usage
 from blahvm.ledger.errors import NoCapacity
@@ -39,3 +39,12 @@ def lowest_free_slot(taken: Iterable[int]) -> int:
     while slot in used:
         slot += 1
     return slot
+
+
+def free_guest(lease: Sequence[str], held: Iterable[Optional[str]]) -> str:
+    """The first of a static environment's guests ``lease`` that is not ``held``; else ``NoCapacity``."""
+    taken = set(held)
+    for guest in lease:
+        if guest not in taken:
+            return guest
+    raise NoCapacity("static guests", 1, 0, len(lease))

@@ -11,7 +11,7 @@ from typing import Callable, Dict
 from blahvm.ledger.errors import LedgerBusy, LedgerError
 
 FILENAME = "ledger.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA_V1 = """
 CREATE TABLE entries (
@@ -56,9 +56,14 @@ def _create_v1(db: sqlite3.Connection) -> None:
             db.execute(statement)
 
 
+def _unique_live_guest(db: sqlite3.Connection) -> None:
+    # A static guest is leased to one live entry at a time (blahvm's own guest names are per job).
+    db.execute("CREATE UNIQUE INDEX entries_live_guest ON entries(guest) WHERE state != 'closed'")
+
+
 # MIGRATIONS[n] brings a ledger from schema version n to n + 1, inside the caller's transaction.
 # To change the schema: add MIGRATIONS[SCHEMA_VERSION] and increment SCHEMA_VERSION.
-MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {0: _create_v1}
+MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {0: _create_v1, 1: _unique_live_guest}
 
 
 def ledger_path(state_dir: str) -> str:

@@ -18,7 +18,7 @@ class NoCapacity(LedgerError):
     """
 
     def __init__(self, resource: str, requested: int, free: int, total: int) -> None:
-        self.resource = resource  # "guests", "memory" or "vcpus"
+        self.resource = resource  # "guests", "memory", "vcpus" or "static guests"
         self.requested = requested
         self.free = free
         self.total = total

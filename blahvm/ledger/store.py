@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 from blahvm.ledger import arguments, database, rows
 from blahvm.ledger.arguments import States
-from blahvm.ledger.capacity import check_fits, free_capacity, lowest_free_slot
+from blahvm.ledger.capacity import check_fits, free_capacity, free_guest, lowest_free_slot
 from blahvm.ledger.entries import Capacity, Entry, State, Usage, may_follow
 from blahvm.ledger.processes import process_start_time
 from blahvm.model import HostConfig, Outcome
@@ -66,12 +66,16 @@ class Ledger:
         memory: int,
         vcpus: int,
         pid: Optional[int] = None,
+        lease: Sequence[str] = (),
     ) -> Entry:
         """Take the lowest free slot for ``job_id``, owned by ``pid`` (default: this process).
 
         If the job already has a live entry, that entry is returned unchanged and nothing is taken:
         the caller decides whether to reuse it or tear it down. Raises ``NoCapacity`` when the host
         has no room for ``memory`` bytes and ``vcpus`` more.
+
+        With ``lease`` (a static environment's guest names), the entry also takes the first of them
+        that no live entry holds, recorded as its ``guest``; ``NoCapacity`` when all are held.
         """
         arguments.require_text("job_id", job_id)
         arguments.require_text("user", user)
@@ -82,17 +86,19 @@ class Ledger:
         vcpus = arguments.require_count("vcpus", vcpus, int)
         pid = os.getpid() if pid is None else arguments.require_count("pid", pid, int)
         pid_start = process_start_time(pid)
+        lease = arguments.guest_names(lease)
         with self._write() as db:
             existing = rows.select_one(db, f"WHERE job_id = ? AND {rows.LIVE}", (job_id,))
             if existing is not None:
                 return existing
-            live = db.execute(f"SELECT slot, memory, vcpus FROM entries WHERE {rows.LIVE}").fetchall()
+            live = db.execute(f"SELECT slot, memory, vcpus, guest FROM entries WHERE {rows.LIVE}").fetchall()
             check_fits(self.host, rows.sum_usage(live), memory, vcpus)
+            guest = free_guest(lease, (row["guest"] for row in live)) if lease else None
             now = self._clock()
             cursor = db.execute(
                 "INSERT INTO entries (job_id, slot, state, user, vo, environment, memory, vcpus,"
-                " pid, pid_start, steps, created, updated, version)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " guest, pid, pid_start, steps, created, updated, version)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     job_id,
                     lowest_free_slot(row["slot"] for row in live),
@@ -102,6 +108,7 @@ class Ledger:
                     environment,
                     int(memory),
                     vcpus,
+                    guest,
                     pid,
                     pid_start,
                     rows.dump_steps([(State.RESERVED, now)]),

@@ -4,18 +4,28 @@ from __future__ import annotations
 
 from blahvm.ledger import Ledger, LedgerError
 from blahvm.lifecycle.results import Capacity
+from blahvm.lifecycle.static import free_count
 from blahvm.model import Environment, Outcome, SiteConfig
 
 
 def capacity(config: SiteConfig) -> Capacity:
-    """Free guests, memory and vcpus, and which environments one more guest of would fit now."""
+    """Free guests, memory and vcpus, and which environments one more guest of would fit now.
+
+    A static environment fits only while one of its guests is free.
+    """
     try:
         with Ledger(config.host) as ledger:
             free = ledger.free()
+            live = ledger.live()
     except LedgerError as error:
         return Capacity(Outcome.RETRY_ELSEWHERE, f"capacity: {error}")
-    fitting = tuple(sorted(name for name, env in config.environments.items() if _fits(free, env)))
+    leasable = {name: free_count(env, live) for name, env in config.environments.items() if env.guests}
+    fitting = tuple(
+        sorted(name for name, env in config.environments.items() if _fits(free, env) and leasable.get(name, 1))
+    )
     message = f"{free.guests} guests free; fits now: {', '.join(fitting) or 'none'}"
+    if leasable:
+        message += "; static guests free: " + ", ".join(f"{name} {count}" for name, count in sorted(leasable.items()))
     return Capacity(Outcome.OK, message, free.guests, free.memory, free.vcpus, fitting)
 
 

@@ -59,6 +59,11 @@ def prepare(config: SiteConfig, job: Job, *, ready_timeout: Optional[float] = DE
     try:
         names = job_names(config, job.job_id)
         environment = _environment(config, job)
+        if environment.guests:
+            from blahvm.lifecycle import static  # late: static builds on this module's helpers
+
+            with Ledger(config.host) as ledger, connect(config) as conn:
+                return static.prepare_static(config, job, environment, ledger, conn, ready_timeout)
         workdir = _job_workdir(job, environment)
         golden = verify_image(environment.name, environment.image, environment.sha256, config.host.state_dir)
         with Ledger(config.host) as ledger, connect(config) as conn:
@@ -215,7 +220,7 @@ class _Preparation:
         entry = self._move(entry, State.CLONING, guest=names.guest, volumes=list(names.volumes(self.environment)),
                            run_dir=names.run_dir)
         disks = self._clone()
-        _make_run_dir(self.config.host.run_dir, names.run_dir)
+        make_run_dir(self.config.host.run_dir, names.run_dir)
         xml = build_domain_xml(self._spec(disks))
         entry = self._move(entry, State.BOOTING)
         started = time.monotonic()
@@ -295,16 +300,7 @@ class _Preparation:
         return " ".join(part for part in (self.environment.cmdline, argument) if part)
 
     def _hand_over_socket(self) -> None:
-        """Give the socket, then its directory, to the job's user (drivers without channels make none)."""
-        if self.ready_timeout is not None:
-            _wait_for_path(self.names.socket, SOCKET_APPEAR_TIMEOUT)
-        uid = -1 if self.job.uid is None else self.job.uid
-        gid = -1 if self.job.gid is None else self.job.gid
-        if os.path.lexists(self.names.socket):
-            # The directory is still root's alone, so nobody can have swapped the socket for a link.
-            os.chown(self.names.socket, uid, gid, follow_symlinks=False)
-            os.chmod(self.names.socket, 0o600)
-        os.chown(self.names.run_dir, uid, gid)
+        hand_over_socket(self.names, self.job, wait=self.ready_timeout is not None)
 
     def _await_agent(self, entry: Entry, reused: bool) -> PrepareResult:
         started = time.monotonic()
@@ -343,7 +339,20 @@ class _Preparation:
         )
 
 
-def _make_run_dir(root: str, run_dir: str) -> None:
+def hand_over_socket(names: JobNames, job: Job, wait: bool) -> None:
+    """Give the socket, then its directory, to the job's user (drivers without channels make none)."""
+    if wait:
+        _wait_for_path(names.socket, SOCKET_APPEAR_TIMEOUT)
+    uid = -1 if job.uid is None else job.uid
+    gid = -1 if job.gid is None else job.gid
+    if os.path.lexists(names.socket):
+        # The directory is still root's alone, so nobody can have swapped the socket for a link.
+        os.chown(names.socket, uid, gid, follow_symlinks=False)
+        os.chmod(names.socket, 0o600)
+    os.chown(names.run_dir, uid, gid)
+
+
+def make_run_dir(root: str, run_dir: str) -> None:
     """The job's run dir, root's alone (0700) until the socket in it is handed over."""
     if not os.path.isdir(root):
         os.makedirs(root, exist_ok=True)

@@ -17,6 +17,7 @@ from blahvm.hypervisor.errors import HypervisorError
 from blahvm.ledger import Entry, Ledger, LedgerError, State, owner_alive
 from blahvm.lifecycle._common import clone_pool, connect, dismantle, is_run_dir
 from blahvm.lifecycle.results import ReapReport
+from blahvm.lifecycle.static import clean_free_guests, static_guests, take_apart
 from blahvm.model import Outcome, SiteConfig
 
 _PREPARING = (State.RESERVED, State.CLONING, State.BOOTING)
@@ -29,7 +30,8 @@ def reap(config: SiteConfig, dry_run: bool = False) -> ReapReport:
         with Ledger(config.host) as ledger, connect(config) as conn:
             closed = _close_dead_entries(config, ledger, conn, dry_run)
             live = [entry for entry in ledger.live() if entry.job_id not in closed]
-            guests_gone = _orphan_guests(conn, live)
+            guests_gone = _orphan_guests(conn, live, static_guests(config))
+            returned = clean_free_guests(config, conn, live, dry_run)
             pool = clone_pool(config, conn)
             volumes = _orphan_volumes((volume.name for volume in pool.list_volumes()), live)
             run_dirs = _orphan_run_dirs(config, live)
@@ -47,6 +49,8 @@ def reap(config: SiteConfig, dry_run: bool = False) -> ReapReport:
         f"reap {verb} {len(guests_gone)} guests, {len(volumes)} volumes, {len(run_dirs)} run dirs; "
         f"{'would close' if dry_run else 'closed'} {len(closed)} entries"
     )
+    if returned:
+        message += f"; {'would return' if dry_run else 'returned'} static guests clean: {', '.join(returned)}"
     return ReapReport(Outcome.OK, message, dry_run, tuple(guests_gone), tuple(volumes), tuple(run_dirs), tuple(closed))
 
 
@@ -70,15 +74,15 @@ def _close_dead_entries(config: SiteConfig, ledger: Ledger, conn: Connection, dr
         )
         if claimed is None:
             continue  # someone else is working on it
-        dismantle(config, conn, claimed.guest, claimed.volumes, claimed.run_dir)
+        take_apart(config, conn, claimed)
         reason = "guest vanished" if entry.state is State.RUNNING else f"owner died in {entry.state}"
         if ledger.close(entry.job_id, Outcome.RETRY_ELSEWHERE, f"reaped: {reason}", expected_version=claimed.version):
             closed.append(entry.job_id)
     return closed
 
 
-def _orphan_guests(conn: Connection, live: List[Entry]) -> List[str]:
-    owned = {entry.guest for entry in live}
+def _orphan_guests(conn: Connection, live: List[Entry], static: frozenset) -> List[str]:
+    owned = {entry.guest for entry in live} | static  # a site's static guest is never undefined
     here = socket.gethostname()
     return [
         guest.name

@@ -1,0 +1,201 @@
+"""Static environments: lease one of the site's pre-defined guests, and return it clean.
+
+An environment with ``guests:`` names domains the site defined, each with a snapshot
+``blahvm-clean`` of its shut-off, clean state. ``prepare`` takes the lease inside the ledger's
+reservation (the entry records the guest; the ledger refuses a guest another live entry holds),
+reverts the guest, points its agent channel into the job's run dir, starts it and waits for the
+agent. ``teardown`` and ``reap`` stop and revert it, and never undefine it. See docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Iterable, Optional
+
+from blahvm.guest import client
+from blahvm.hypervisor import guests, naming, snapshots
+from blahvm.hypervisor.connection import Connection
+from blahvm.hypervisor.errors import HypervisorError
+from blahvm.ledger import Entry, Ledger, NoCapacity, State, owner_alive
+from blahvm.lifecycle._common import Dismantled, JobNames, Refusal, dismantle, job_names
+from blahvm.lifecycle.prepare import UP_STATES, hand_over_socket, make_run_dir
+from blahvm.lifecycle.results import PrepareResult
+from blahvm.model import Environment, Job, Outcome, SiteConfig
+
+
+def is_static_lease(entry: Entry) -> bool:
+    """blahvm names every guest it makes after its job; any other guest in an entry is a site's, leased."""
+    return entry.guest is not None and entry.guest != naming.guest_name(entry.job_id)
+
+
+def static_guests(config: SiteConfig) -> frozenset:
+    return frozenset(name for environment in config.environments.values() for name in environment.guests)
+
+
+def return_clean(conn: Connection, guest: str) -> bool:
+    """Stop the guest and revert it to ``blahvm-clean``, keeping it defined; False if it was not running."""
+    if not snapshots.exists(conn, guest):
+        return False  # the site removed it: nothing to return
+    stopped = snapshots.stop(conn, guest)
+    snapshots.revert_clean(conn, guest)
+    return stopped
+
+
+def take_apart(config: SiteConfig, conn: Connection, entry: Entry) -> Dismantled:
+    """What teardown and reap do with an entry's things: a leased guest is returned clean, never undefined."""
+    if not is_static_lease(entry):
+        return dismantle(config, conn, entry.guest, entry.volumes, entry.run_dir)
+    stopped = return_clean(conn, entry.guest)
+    dismantle(config, conn, None, entry.volumes, entry.run_dir)
+    return Dismantled(guest_removed=stopped, volumes_removed=())
+
+
+def free_count(environment: Environment, live: Iterable[Entry]) -> int:
+    """How many of the environment's guests no live entry holds (from the ledger alone)."""
+    held = {entry.guest for entry in live}
+    return sum(1 for name in environment.guests if name not in held)
+
+
+def clean_free_guests(config: SiteConfig, conn: Connection, live: Iterable[Entry], dry_run: bool) -> tuple:
+    """Stop and revert the static guests that run though no live entry holds them; their names."""
+    held = {entry.guest for entry in live}
+    running = [
+        name
+        for name in sorted(static_guests(config) - held)
+        if guests.domain_state(conn, name) not in (None, *guests.STOPPED_STATES)
+    ]
+    if not dry_run:
+        for name in running:
+            return_clean(conn, name)
+    return tuple(running)
+
+
+def prepare_static(
+    config: SiteConfig, job: Job, environment: Environment, ledger: Ledger, conn: Connection,
+    ready_timeout: Optional[float],
+) -> PrepareResult:
+    """Lease a free guest of ``environment``, clean and started, its agent socket the job's user's."""
+    return _Lease(config, job, environment, ledger, conn, ready_timeout).run()
+
+
+class _Lease:
+    def __init__(self, config, job, environment, ledger, conn, ready_timeout) -> None:
+        self.config: SiteConfig = config
+        self.job: Job = job
+        self.environment: Environment = environment
+        self.ledger: Ledger = ledger
+        self.conn: Connection = conn
+        self.ready_timeout: Optional[float] = ready_timeout
+        self.names: JobNames = job_names(config, job.job_id)
+
+    def run(self) -> PrepareResult:
+        existing = self.ledger.get(self.job.job_id)
+        if existing is not None and existing.live:
+            resumed = self._resume(existing)
+            if resumed is not None:
+                return resumed
+        entry = self._reserve()
+        try:
+            return self._bring_up(entry)
+        except BaseException as error:
+            self._undo(error)
+            raise
+
+    # -- an earlier prepare of the same job ---------------------------------------------------
+
+    def _resume(self, entry: Entry) -> Optional[PrepareResult]:
+        """A result if the existing lease can stand; None once a broken one is returned."""
+        if entry.state is State.TEARING_DOWN:
+            raise Refusal(Outcome.RETRY_ELSEWHERE, f"job {self.job.job_id} is being torn down on this host")
+        up = entry.guest is not None and guests.domain_state(self.conn, entry.guest) in UP_STATES
+        if up and entry.state is State.RUNNING:
+            return self._result(entry, "reused the leased guest", reused=True)
+        if owner_alive(entry) and entry.pid != os.getpid():
+            raise Refusal(Outcome.RETRY_ELSEWHERE, f"job {self.job.job_id} is being prepared by process {entry.pid}")
+        claimed = self.ledger.transition(
+            entry.job_id, entry.state, State.TEARING_DOWN, expected_version=entry.version, pid=os.getpid()
+        )
+        if claimed is None:
+            raise Refusal(Outcome.RETRY_ELSEWHERE, f"job {entry.job_id} changed while prepare looked at it")
+        take_apart(self.config, self.conn, claimed)
+        self.ledger.close(entry.job_id, Outcome.RETRY_ELSEWHERE, "half made; redone", expected_version=claimed.version)
+        return None
+
+    # -- a new lease ----------------------------------------------------------------------------
+
+    def _reserve(self) -> Entry:
+        """The lease, in the ledger's reservation: only guests that can be leased at all are offered."""
+        problems = {name: snapshots.lease_problem(self.conn, name) for name in self.environment.guests}
+        leasable = [name for name, problem in problems.items() if problem is None]
+        if not leasable:
+            raise Refusal(
+                Outcome.RETRY_ELSEWHERE,
+                f"environment {self.environment.name} has no guest to lease on this host: "
+                + "; ".join(problems.values()),
+            )
+        env = self.environment
+        try:  # the guest's footprint is the environment's shape, whatever the job asked for
+            return self.ledger.reserve(
+                self.job.job_id, self.job.user, self.job.decision.vo, env.name, env.memory, env.vcpus, lease=leasable
+            )
+        except NoCapacity as error:
+            if error.resource == "static guests":
+                message = f"environment {env.name}: all {len(leasable)} of its guests are leased"
+                raise Refusal(Outcome.RETRY_ELSEWHERE, message) from None
+            raise Refusal(Outcome.RETRY_ELSEWHERE if error.ever_fits else Outcome.FAIL_JOB, str(error)) from None
+
+    def _bring_up(self, entry: Entry) -> PrepareResult:
+        entry = self.ledger.transition(
+            entry.job_id, State.RESERVED, State.BOOTING, expected_version=entry.version, run_dir=self.names.run_dir
+        )
+        if entry is None:
+            raise Refusal(Outcome.RETRY_ELSEWHERE, f"job {self.job.job_id} changed in the ledger while being prepared")
+        started = time.monotonic()
+        return_clean(self.conn, entry.guest)  # whatever ran on it since its last teardown is undone
+        make_run_dir(self.config.host.run_dir, self.names.run_dir)
+        snapshots.point_agent_at(self.conn, entry.guest, self.names.socket)
+        snapshots.start(self.conn, entry.guest)
+        hand_over_socket(self.names, self.job, wait=self.ready_timeout is not None)
+        self.ledger.record_timing(self.job.job_id, "boot", time.monotonic() - started)
+        if self.ready_timeout is None:
+            self.ledger.transition(self.job.job_id, State.BOOTING, State.RUNNING)
+            return self._result(self.ledger.get(self.job.job_id), "leased guest started")
+        return self._await_agent()
+
+    def _await_agent(self) -> PrepareResult:
+        started = time.monotonic()
+        try:
+            client.wait_ready(self.names.socket, self.ready_timeout)
+        except client.AgentError as error:
+            raise Refusal(Outcome.RETRY_ELSEWHERE, f"leased guest did not become ready: {error}") from None
+        self.ledger.record_timing(self.job.job_id, "ready", time.monotonic() - started)
+        self.ledger.transition(self.job.job_id, State.BOOTING, State.RUNNING)
+        return self._result(self.ledger.get(self.job.job_id), "leased guest ready")
+
+    def _undo(self, error: BaseException) -> None:
+        """Return the guest clean and free the lease; if that fails the entry stays live for reap."""
+        entry = self.ledger.get(self.job.job_id)
+        if entry is None or not entry.live or entry.pid != os.getpid():
+            return
+        entry = self.ledger.transition(entry.job_id, entry.state, State.TEARING_DOWN, expected_version=entry.version)
+        if entry is None:
+            return
+        try:
+            take_apart(self.config, self.conn, entry)
+        except (HypervisorError, OSError):
+            return
+        outcome = getattr(error, "outcome", Outcome.RETRY_ELSEWHERE)
+        self.ledger.close(entry.job_id, outcome, str(error) or type(error).__name__, expected_version=entry.version)
+
+    def _result(self, entry: Entry, message: str, reused: bool = False) -> PrepareResult:
+        return PrepareResult(
+            Outcome.OK,
+            f"job {self.job.job_id}: {message} ({entry.guest})",
+            self.job.job_id,
+            guest=entry.guest,
+            run_dir=entry.run_dir,
+            socket=self.names.socket,
+            reused=reused,
+            timings=entry.timings,
+        )
