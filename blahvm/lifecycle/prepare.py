@@ -10,7 +10,6 @@ path there; see docs/jobfiles.md for what is checked and why.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import stat
 import time
@@ -18,7 +17,6 @@ from typing import Optional
 
 import attrs
 
-from blahvm.guest import client
 from blahvm.hypervisor import guests
 from blahvm.hypervisor.connection import Connection
 from blahvm.hypervisor.domain import (
@@ -33,21 +31,14 @@ from blahvm.hypervisor.errors import HypervisorError
 from blahvm.hypervisor.images import ImageInfo, verify_image
 from blahvm.hypervisor.kvm import resolve_domain_type
 from blahvm.image import guest_init
-from blahvm.ledger import Entry, Ledger, LedgerError, NoCapacity, State, owner_alive
-from blahvm.lifecycle._common import (
-    JobNames,
-    Refusal,
-    best_effort_dismantle,
-    clone_pool,
-    connect,
-    job_names,
-)
+from blahvm.ledger import Entry, Ledger, LedgerError, NoCapacity, State
+from blahvm.lifecycle import static
+from blahvm.lifecycle._bringup import BringUp, hand_over_socket, make_run_dir
+from blahvm.lifecycle._common import Refusal, best_effort_dismantle, clone_pool, connect
 from blahvm.lifecycle.results import PrepareResult
 from blahvm.model import Environment, Job, Outcome, SiteConfig
 
 DEFAULT_READY_TIMEOUT = 120.0  # seconds from start to the agent's hello (TCG on busy hosts is slow)
-SOCKET_APPEAR_TIMEOUT = 10.0
-UP_STATES = ("running", "blocked")
 
 
 def prepare(config: SiteConfig, job: Job, *, ready_timeout: Optional[float] = DEFAULT_READY_TIMEOUT) -> PrepareResult:
@@ -57,19 +48,14 @@ def prepare(config: SiteConfig, job: Job, *, ready_timeout: Optional[float] = DE
     is cleaned and made again. Never raises for expected failures.
     """
     try:
-        names = job_names(config, job.job_id)
         environment = _environment(config, job)
         if environment.guests:
-            from blahvm.lifecycle import static  # late: static builds on this module's helpers
-
             with Ledger(config.host) as ledger, connect(config) as conn:
                 return static.prepare_static(config, job, environment, ledger, conn, ready_timeout)
         workdir = _job_workdir(job, environment)
         golden = verify_image(environment.name, environment.image, environment.sha256, config.host.state_dir)
         with Ledger(config.host) as ledger, connect(config) as conn:
-            return _Preparation(
-                config, job, environment, golden, names, ledger, conn, ready_timeout, workdir
-            ).run()
+            return _Preparation(config, job, environment, golden, ledger, conn, ready_timeout, workdir).run()
     except Refusal as refusal:
         return PrepareResult(refusal.outcome, refusal.message, job.job_id)
     except HypervisorError as error:
@@ -147,61 +133,14 @@ def _boot_problem(environment: Environment) -> Optional[str]:
     return None
 
 
-class _Preparation:
-    def __init__(self, config, job, environment, golden, names, ledger, conn, ready_timeout, workdir) -> None:
-        self.config: SiteConfig = config
-        self.job: Job = job
-        self.environment: Environment = environment
-        self.golden: ImageInfo = golden
-        self.names: JobNames = names
-        self.ledger: Ledger = ledger
-        self.conn: Connection = conn
-        self.ready_timeout: Optional[float] = ready_timeout
-        self.workdir: Optional[_Workdir] = workdir
+class _Preparation(BringUp):
+    """A guest cloned from the environment's golden image for this job alone."""
 
-    def run(self) -> PrepareResult:
-        existing = self.ledger.get(self.job.job_id)
-        if existing is not None and existing.live:
-            resumed = self._resume(existing)
-            if resumed is not None:
-                return resumed
-        entry = self._reserve()
-        try:
-            return self._build(entry)
-        except BaseException as error:
-            self._undo(error)
-            raise
-
-    # -- an earlier prepare of the same job ---------------------------------------------------
-
-    def _resume(self, entry: Entry) -> Optional[PrepareResult]:
-        """A result if the existing entry can stand; None once a broken one is cleaned away."""
-        if entry.state is State.TEARING_DOWN:
-            raise Refusal(Outcome.RETRY_ELSEWHERE, f"job {self.job.job_id} is being torn down on this host")
-        up = entry.guest is not None and guests.domain_state(self.conn, entry.guest) in UP_STATES
-        if up and entry.state is State.RUNNING:
-            return self._result(entry, "reused the running guest", reused=True)
-        if up and entry.state is State.BOOTING:
-            if self.ready_timeout is None:
-                return self._result(entry, "reused the booting guest", reused=True)
-            return self._await_agent(entry, reused=True)
-        if entry.state is not State.RUNNING and owner_alive(entry) and entry.pid != os.getpid():
-            raise Refusal(
-                Outcome.RETRY_ELSEWHERE, f"job {self.job.job_id} is being prepared by process {entry.pid}"
-            )
-        self._clean_stale(entry)
-        return None
-
-    def _clean_stale(self, entry: Entry) -> None:
-        claimed = self.ledger.transition(
-            entry.job_id, entry.state, State.TEARING_DOWN, expected_version=entry.version, pid=os.getpid()
-        )
-        if claimed is None:
-            raise Refusal(Outcome.RETRY_ELSEWHERE, f"job {entry.job_id} changed while prepare looked at it")
-        problem = best_effort_dismantle(self.config, self.conn, claimed.guest, claimed.volumes, claimed.run_dir)
-        if problem is not None:
-            raise Refusal(Outcome.RETRY_ELSEWHERE, f"cannot clean the earlier guest of {entry.job_id}: {problem}")
-        self.ledger.close(entry.job_id, Outcome.RETRY_ELSEWHERE, "half made; redone", expected_version=claimed.version)
+    def __init__(self, config: SiteConfig, job: Job, environment: Environment, golden: ImageInfo, ledger: Ledger,
+                 conn: Connection, ready_timeout: Optional[float], workdir: Optional["_Workdir"]) -> None:
+        super().__init__(config, job, environment, ledger, conn, ready_timeout)
+        self.golden = golden
+        self.workdir = workdir
 
     # -- a new guest --------------------------------------------------------------------------
 
@@ -215,23 +154,21 @@ class _Preparation:
             outcome = Outcome.RETRY_ELSEWHERE if error.ever_fits else Outcome.FAIL_JOB
             raise Refusal(outcome, str(error)) from None
 
-    def _build(self, entry: Entry) -> PrepareResult:
+    def _bring_up(self, entry: Entry) -> PrepareResult:
         names = self.names
         entry = self._move(entry, State.CLONING, guest=names.guest, volumes=list(names.volumes(self.environment)),
                            run_dir=names.run_dir)
         disks = self._clone()
         make_run_dir(self.config.host.run_dir, names.run_dir)
         xml = build_domain_xml(self._spec(disks))
-        entry = self._move(entry, State.BOOTING)
+        self._move(entry, State.BOOTING)
         started = time.monotonic()
         guests.define_and_start(self.conn, xml)
-        self._hand_over_socket()
-        self.ledger.record_timing(self.job.job_id, "boot", time.monotonic() - started)
-        if self.ready_timeout is None:
-            # handed over: whoever asked not to wait owns readiness; a "booting" entry is always a prepare at work
-            self.ledger.transition(self.job.job_id, State.BOOTING, State.RUNNING)
-            return self._result(self.ledger.get(self.job.job_id), "guest started")
-        return self._await_agent(entry, reused=False)
+        hand_over_socket(self.names, self.job, wait=self.ready_timeout is not None)
+        return self._started(started)
+
+    def _take_apart(self, entry: Entry) -> Optional[str]:
+        return best_effort_dismantle(self.config, self.conn, entry.guest, entry.volumes, entry.run_dir)
 
     def _move(self, entry: Entry, state: State, **fields) -> Entry:
         """Compare-and-set on the entry as this prepare last wrote it (timings bump the version too)."""
@@ -268,6 +205,7 @@ class _Preparation:
             created=int(time.time()),
             vo=decision.vo,
             name=job.name,
+            ledger=self.config.host.state_dir,
         )
         return GuestSpec(
             name=self.names.guest,
@@ -298,72 +236,3 @@ class _Preparation:
             return self.environment.cmdline
         argument = guest_init.workdir_argument(self.workdir.guest_path)
         return " ".join(part for part in (self.environment.cmdline, argument) if part)
-
-    def _hand_over_socket(self) -> None:
-        hand_over_socket(self.names, self.job, wait=self.ready_timeout is not None)
-
-    def _await_agent(self, entry: Entry, reused: bool) -> PrepareResult:
-        started = time.monotonic()
-        try:
-            client.wait_ready(self.names.socket, self.ready_timeout)
-        except client.AgentError as error:
-            raise Refusal(Outcome.RETRY_ELSEWHERE, f"guest {self.names.guest} did not become ready: {error}") from None
-        self.ledger.record_timing(self.job.job_id, "ready", time.monotonic() - started)
-        self.ledger.transition(self.job.job_id, State.BOOTING, State.RUNNING)
-        current = self.ledger.get(self.job.job_id)
-        return self._result(current, "guest ready", reused=reused)
-
-    def _undo(self, error: BaseException) -> None:
-        """Take apart whatever this prepare made and free the slot; the trail is in the ledger."""
-        entry = self.ledger.get(self.job.job_id)
-        if entry is None or not entry.live or entry.pid != os.getpid():
-            return
-        entry = self.ledger.transition(entry.job_id, entry.state, State.TEARING_DOWN, expected_version=entry.version)
-        if entry is None:
-            return
-        problem = best_effort_dismantle(self.config, self.conn, entry.guest, entry.volumes, entry.run_dir)
-        if problem is None:  # else the entry stays live for teardown or reap to finish
-            outcome = getattr(error, "outcome", Outcome.RETRY_ELSEWHERE)
-            self.ledger.close(entry.job_id, outcome, str(error) or type(error).__name__, expected_version=entry.version)
-
-    def _result(self, entry: Entry, message: str, reused: bool = False) -> PrepareResult:
-        return PrepareResult(
-            Outcome.OK,
-            f"job {self.job.job_id}: {message} ({entry.guest})",
-            self.job.job_id,
-            guest=entry.guest,
-            run_dir=entry.run_dir,
-            socket=self.names.socket,
-            reused=reused,
-            timings=entry.timings,
-        )
-
-
-def hand_over_socket(names: JobNames, job: Job, wait: bool) -> None:
-    """Give the socket, then its directory, to the job's user (drivers without channels make none)."""
-    if wait:
-        _wait_for_path(names.socket, SOCKET_APPEAR_TIMEOUT)
-    uid = -1 if job.uid is None else job.uid
-    gid = -1 if job.gid is None else job.gid
-    if os.path.lexists(names.socket):
-        # The directory is still root's alone, so nobody can have swapped the socket for a link.
-        os.chown(names.socket, uid, gid, follow_symlinks=False)
-        os.chmod(names.socket, 0o600)
-    os.chown(names.run_dir, uid, gid)
-
-
-def make_run_dir(root: str, run_dir: str) -> None:
-    """The job's run dir, root's alone (0700) until the socket in it is handed over."""
-    if not os.path.isdir(root):
-        os.makedirs(root, exist_ok=True)
-        os.chmod(root, 0o755)  # whatever the umask (a PBS mom runs prologues with 077): users enter their own
-    if os.path.lexists(run_dir):  # left by an earlier run of this job, which the live entry now owns
-        shutil.rmtree(run_dir)
-    os.mkdir(run_dir, 0o700)
-    os.chmod(run_dir, 0o700)  # whatever the umask
-
-
-def _wait_for_path(path: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.lexists(path) and time.monotonic() < deadline:
-        time.sleep(0.05)

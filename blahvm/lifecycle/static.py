@@ -9,17 +9,15 @@ agent. ``teardown`` and ``reap`` stop and revert it, and never undefine it. See 
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Iterable, Optional
 
-from blahvm.guest import client
 from blahvm.hypervisor import guests, naming, snapshots
 from blahvm.hypervisor.connection import Connection
 from blahvm.hypervisor.errors import HypervisorError
-from blahvm.ledger import Entry, Ledger, NoCapacity, State, owner_alive
-from blahvm.lifecycle._common import Dismantled, JobNames, Refusal, dismantle, job_names
-from blahvm.lifecycle.prepare import UP_STATES, hand_over_socket, make_run_dir
+from blahvm.ledger import Entry, Ledger, NoCapacity, State
+from blahvm.lifecycle._bringup import BringUp, hand_over_socket, make_run_dir
+from blahvm.lifecycle._common import Dismantled, Refusal, dismantle
 from blahvm.lifecycle.results import PrepareResult
 from blahvm.model import Environment, Job, Outcome, SiteConfig
 
@@ -79,50 +77,10 @@ def prepare_static(
     return _Lease(config, job, environment, ledger, conn, ready_timeout).run()
 
 
-class _Lease:
-    def __init__(self, config, job, environment, ledger, conn, ready_timeout) -> None:
-        self.config: SiteConfig = config
-        self.job: Job = job
-        self.environment: Environment = environment
-        self.ledger: Ledger = ledger
-        self.conn: Connection = conn
-        self.ready_timeout: Optional[float] = ready_timeout
-        self.names: JobNames = job_names(config, job.job_id)
+class _Lease(BringUp):
+    """One of the site's guests, reverted to ``blahvm-clean`` and lent to this job."""
 
-    def run(self) -> PrepareResult:
-        existing = self.ledger.get(self.job.job_id)
-        if existing is not None and existing.live:
-            resumed = self._resume(existing)
-            if resumed is not None:
-                return resumed
-        entry = self._reserve()
-        try:
-            return self._bring_up(entry)
-        except BaseException as error:
-            self._undo(error)
-            raise
-
-    # -- an earlier prepare of the same job ---------------------------------------------------
-
-    def _resume(self, entry: Entry) -> Optional[PrepareResult]:
-        """A result if the existing lease can stand; None once a broken one is returned."""
-        if entry.state is State.TEARING_DOWN:
-            raise Refusal(Outcome.RETRY_ELSEWHERE, f"job {self.job.job_id} is being torn down on this host")
-        up = entry.guest is not None and guests.domain_state(self.conn, entry.guest) in UP_STATES
-        if up and entry.state is State.RUNNING:
-            return self._result(entry, "reused the leased guest", reused=True)
-        if owner_alive(entry) and entry.pid != os.getpid():
-            raise Refusal(Outcome.RETRY_ELSEWHERE, f"job {self.job.job_id} is being prepared by process {entry.pid}")
-        claimed = self.ledger.transition(
-            entry.job_id, entry.state, State.TEARING_DOWN, expected_version=entry.version, pid=os.getpid()
-        )
-        if claimed is None:
-            raise Refusal(Outcome.RETRY_ELSEWHERE, f"job {entry.job_id} changed while prepare looked at it")
-        take_apart(self.config, self.conn, claimed)
-        self.ledger.close(entry.job_id, Outcome.RETRY_ELSEWHERE, "half made; redone", expected_version=claimed.version)
-        return None
-
-    # -- a new lease ----------------------------------------------------------------------------
+    WHAT = "leased guest"
 
     def _reserve(self) -> Entry:
         """The lease, in the ledger's reservation: only guests that can be leased at all are offered."""
@@ -157,45 +115,11 @@ class _Lease:
         snapshots.point_agent_at(self.conn, entry.guest, self.names.socket)
         snapshots.start(self.conn, entry.guest)
         hand_over_socket(self.names, self.job, wait=self.ready_timeout is not None)
-        self.ledger.record_timing(self.job.job_id, "boot", time.monotonic() - started)
-        if self.ready_timeout is None:
-            self.ledger.transition(self.job.job_id, State.BOOTING, State.RUNNING)
-            return self._result(self.ledger.get(self.job.job_id), "leased guest started")
-        return self._await_agent()
+        return self._started(started)
 
-    def _await_agent(self) -> PrepareResult:
-        started = time.monotonic()
-        try:
-            client.wait_ready(self.names.socket, self.ready_timeout)
-        except client.AgentError as error:
-            raise Refusal(Outcome.RETRY_ELSEWHERE, f"leased guest did not become ready: {error}") from None
-        self.ledger.record_timing(self.job.job_id, "ready", time.monotonic() - started)
-        self.ledger.transition(self.job.job_id, State.BOOTING, State.RUNNING)
-        return self._result(self.ledger.get(self.job.job_id), "leased guest ready")
-
-    def _undo(self, error: BaseException) -> None:
-        """Return the guest clean and free the lease; if that fails the entry stays live for reap."""
-        entry = self.ledger.get(self.job.job_id)
-        if entry is None or not entry.live or entry.pid != os.getpid():
-            return
-        entry = self.ledger.transition(entry.job_id, entry.state, State.TEARING_DOWN, expected_version=entry.version)
-        if entry is None:
-            return
+    def _take_apart(self, entry: Entry) -> Optional[str]:
         try:
             take_apart(self.config, self.conn, entry)
-        except (HypervisorError, OSError):
-            return
-        outcome = getattr(error, "outcome", Outcome.RETRY_ELSEWHERE)
-        self.ledger.close(entry.job_id, outcome, str(error) or type(error).__name__, expected_version=entry.version)
-
-    def _result(self, entry: Entry, message: str, reused: bool = False) -> PrepareResult:
-        return PrepareResult(
-            Outcome.OK,
-            f"job {self.job.job_id}: {message} ({entry.guest})",
-            self.job.job_id,
-            guest=entry.guest,
-            run_dir=entry.run_dir,
-            socket=self.names.socket,
-            reused=reused,
-            timings=entry.timings,
-        )
+        except (HypervisorError, OSError) as error:
+            return str(error)
+        return None
