@@ -399,3 +399,13 @@ def test_real_guest_destroyed_behind_our_back_is_reaped(demo_image):
                 assert volume_names(config, conn) == set()
         finally:
             teardown(config, job.job_id)
+
+
+def test_reap_leaves_the_guests_of_another_installation_alone(tmp_path, golden, keep_driver):
+    ours = make_config(tmp_path / "ours", golden)
+    theirs = make_config(tmp_path / "theirs", golden, pool="blahvm-theirs", pool_path=POOL_PATH + "-theirs")
+    job = make_job("theirs.1")
+    assert prepare(theirs, job, ready_timeout=None).outcome is Outcome.OK
+    assert reap(ours).guests == ()  # same host, but another ledger made it
+    assert naming.guest_name(job.job_id) in domain_names(keep_driver)
+    teardown(theirs, job.job_id)

@@ -34,7 +34,8 @@ def make_config(where, names, uri=TEST_URI, **environment):
     fields = dict(name="static", image="/nonexistent/unused.qcow2", flavour="kvm", memory=Size(256 * MiB), vcpus=1)
     fields.update(environment)
     return SiteConfig(
-        hypervisor=HypervisorConfig(uri=uri, pool="blahvm", pool_path=os.path.join(where, "clones"),
+        # a pool of its own per test: libvirt's test driver keeps pools for the whole process
+        hypervisor=HypervisorConfig(uri=uri, pool=f"blahvm-{abs(hash(where)) % 10**8}", pool_path=os.path.join(where, "clones"),
                                     domain_type="qemu", timeout=60),
         host=HostConfig(max_guests=4, state_dir=os.path.join(where, "state"), run_dir=os.path.join(where, "run")),
         environments={"static": Environment(guests=tuple(names), **fields)},
@@ -229,6 +230,8 @@ def real_static_site(demo_image):
         with open_connection("qemu:///system", timeout=60) as conn:
             for name in names:
                 remove_site_guest(conn, name)
+        for command in ("pool-destroy", "pool-undefine"):  # reap made the clone pool; it is this test's
+            subprocess.run(["virsh", "-c", "qemu:///system", command, config.hypervisor.pool], capture_output=True)
         shutil.rmtree(where, ignore_errors=True)
 
 

@@ -25,7 +25,7 @@ PREFIX = "blahvm"
 ET.register_namespace(PREFIX, NAMESPACE)
 
 _REQUIRED = ("id", "user", "environment", "host", "created")
-_OPTIONAL = ("vo", "name")
+_OPTIONAL = ("vo", "name", "ledger")
 
 
 @attrs.frozen
@@ -39,6 +39,7 @@ class GuestMetadata:
     created: int
     vo: Optional[str] = None
     name: Optional[str] = None  # the job's name, shown only
+    ledger: Optional[str] = None  # the state dir of the installation that made it: only its reap may remove it
 
 
 def _tag(field: str) -> str:
@@ -73,6 +74,7 @@ def metadata_element(meta: GuestMetadata) -> ET.Element:
         "host": meta.host,
         "created": _format_created(meta.created),
         "name": meta.name,
+        "ledger": meta.ledger,
     }
     for field, value in values.items():
         if value is None:
@@ -127,4 +129,5 @@ def read_metadata(domain_xml: str) -> Optional[GuestMetadata]:
         created=_parse_created(found["created"]),
         vo=found.get("vo"),
         name=found.get("name"),
+        ledger=found.get("ledger"),
     )

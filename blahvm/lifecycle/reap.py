@@ -1,7 +1,8 @@
 """``reap``: remove guests, clones and run dirs that no live job owns, and close dead entries.
 
-A guest is reaped only if it carries readable blahvm metadata naming this host; a volume or run
-dir only if it has blahvm's naming. Entries are claimed with compare-and-set, so a reap never
+A guest is reaped only if it carries readable blahvm metadata naming this host and this
+installation's ledger; a volume or run dir only if it has blahvm's naming and sits in this
+installation's pool or run dir. Entries are claimed with compare-and-set, so a reap never
 fights a prologue or epilogue that is working on the same job.
 """
 
@@ -30,7 +31,7 @@ def reap(config: SiteConfig, dry_run: bool = False) -> ReapReport:
         with Ledger(config.host) as ledger, connect(config) as conn:
             closed = _close_dead_entries(config, ledger, conn, dry_run)
             live = [entry for entry in ledger.live() if entry.job_id not in closed]
-            guests_gone = _orphan_guests(conn, live, static_guests(config))
+            guests_gone = _orphan_guests(config, conn, live, static_guests(config))
             returned = clean_free_guests(config, conn, live, dry_run)
             pool = clone_pool(config, conn)
             volumes = _orphan_volumes((volume.name for volume in pool.list_volumes()), live)
@@ -81,13 +82,16 @@ def _close_dead_entries(config: SiteConfig, ledger: Ledger, conn: Connection, dr
     return closed
 
 
-def _orphan_guests(conn: Connection, live: List[Entry], static: frozenset) -> List[str]:
+def _orphan_guests(config: SiteConfig, conn: Connection, live: List[Entry], static: frozenset) -> List[str]:
+    """Guests made here by this installation (its ledger) that no live entry owns. A guest of another
+    installation on the same host (a demo beside production, a test site) is never this reap's to remove."""
     owned = {entry.guest for entry in live} | static  # a site's static guest is never undefined
     here = socket.gethostname()
+    ours = (None, config.host.state_dir)  # None: made before guests named their ledger
     return [
         guest.name
         for guest in guests.list_blahvm_guests(conn)
-        if guest.name not in owned and guest.metadata.host == here
+        if guest.name not in owned and guest.metadata.host == here and guest.metadata.ledger in ours
     ]
 
 
