@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from blahvm.cli.common import add_config_option, report_config_error, resolved_config_path
+from blahvm.cli.common import add_config_option, resolved_config_path
 from blahvm.cli.outcomes import EXIT_CODES_HELP, exit_code, step
 
 
@@ -23,13 +23,10 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from blahvm.config import ConfigError, load_config
+    from blahvm.config import load_config
     from blahvm.lifecycle import capacity
 
-    try:
-        config = load_config(resolved_config_path(args))
-    except ConfigError as error:
-        return report_config_error(error)
+    config = load_config(resolved_config_path(args))
     free = capacity(config)
     if free.outcome.name != "OK":
         step(free.message)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from blahvm.cli.common import add_config_option, report_config_error, resolved_config_path
+from blahvm.cli.common import add_config_option, resolved_config_path
 
 
 def add_parser(commands) -> None:
@@ -19,16 +19,12 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from blahvm.config import load_config
-    from blahvm.errors import ConfigError
     from blahvm.locations import cache_dir
     from blahvm.routing.fast import write_cache
     from blahvm.routing.table import compile_table
 
     path = resolved_config_path(args)
-    try:
-        config = load_config(path)
-    except ConfigError as error:
-        return report_config_error(error)
+    config = load_config(path)  # a bad config is reported by the command line's entry point
     with open(path, "rb") as stream:
         cached = write_cache(cache_dir(), path, stream.read(), compile_table(config))
     print(f"{path}: valid: {len(config.environments)} environments, {len(config.queues)} queues, "

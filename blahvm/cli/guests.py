@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-from blahvm.cli.common import add_config_option, report_config_error, resolved_config_path
+from blahvm.cli.common import add_config_option, resolved_config_path
 from blahvm.cli.outcomes import EXIT_OK, exit_code, step
 
 COLUMNS = ("job", "user", "vo", "environment", "ledger", "libvirt", "slot", "age", "timings", "flag")
@@ -33,14 +33,11 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from blahvm.config import ConfigError, load_config
+    from blahvm.config import load_config
     from blahvm.ledger import Ledger, LedgerError
     from blahvm.model import Outcome
 
-    try:
-        config = load_config(resolved_config_path(args))
-    except ConfigError as error:
-        return report_config_error(error)
+    config = load_config(resolved_config_path(args))
     try:
         with Ledger(config.host) as ledger:
             entries = ledger.live()

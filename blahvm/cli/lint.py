@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from blahvm.cli.common import add_config_option, report_config_error, resolved_config_path
+from blahvm.cli.common import add_config_option, resolved_config_path
 
 
 def add_parser(commands) -> None:
@@ -20,13 +20,9 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from blahvm.config import load_config
-    from blahvm.errors import ConfigError
     from blahvm.routing.lint import lint
 
-    try:
-        config = load_config(resolved_config_path(args))
-    except ConfigError as error:
-        return report_config_error(error)
+    config = load_config(resolved_config_path(args))
     findings = lint(config)
     for finding in findings:
         print(finding)

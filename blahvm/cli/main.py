@@ -40,8 +40,13 @@ def main(argv=None) -> int:
     if not hasattr(args, "run"):
         parser.print_help(sys.stderr)
         return 2
+    from blahvm.cli.common import report_config_error
+    from blahvm.errors import ConfigError
+
     try:
         return args.run(args)
+    except ConfigError as error:  # every command that reads the config reports it the same way
+        return report_config_error(error)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

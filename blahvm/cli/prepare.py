@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from blahvm.cli.common import add_config_option, fail, report_config_error, resolved_config_path
+from blahvm.cli.common import add_config_option, fail, resolved_config_path
 from blahvm.cli.outcomes import EXIT_CODES_HELP, EXIT_REJECTED, exit_code, step
 from blahvm.cli.submission import add_submission_options
 
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     import grp
 
     from blahvm.cli.submission import BadSubmission, account_of, submission_from_args
-    from blahvm.config import ConfigError, load_config
+    from blahvm.config import load_config
     from blahvm.lifecycle import DEFAULT_READY_TIMEOUT, prepare
     from blahvm.model import Job
     from blahvm.routing.engine import route
@@ -53,10 +53,7 @@ def run(args: argparse.Namespace) -> int:
         submission = submission_from_args(args, args.user)
     except BadSubmission as error:
         return fail(str(error))
-    try:
-        config = load_config(resolved_config_path(args))
-    except ConfigError as error:
-        return report_config_error(error)
+    config = load_config(resolved_config_path(args))
 
     started = time.monotonic()
     decision = route(config, submission)

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from blahvm.cli.common import add_config_option, report_config_error, resolved_config_path
+from blahvm.cli.common import add_config_option, resolved_config_path
 from blahvm.cli.outcomes import EXIT_CODES_HELP, exit_code, step
 
 
@@ -26,13 +26,10 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from blahvm.config import ConfigError, load_config
+    from blahvm.config import load_config
     from blahvm.lifecycle import reap
 
-    try:
-        config = load_config(resolved_config_path(args))
-    except ConfigError as error:
-        return report_config_error(error)
+    config = load_config(resolved_config_path(args))
     started = time.monotonic()
     report = reap(config, dry_run=args.dry_run)
     if report.outcome.name == "OK":

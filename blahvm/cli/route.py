@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from blahvm.cli.common import add_config_option, fail, report_config_error, resolved_config_path
+from blahvm.cli.common import add_config_option, fail, resolved_config_path
 from blahvm.cli.submission import add_submission_options
 
 EXIT_ROUTED, EXIT_REJECTED = 0, 1
@@ -29,7 +29,6 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from blahvm.errors import ConfigError
     from blahvm.locations import cache_dir
     from blahvm.quantities import Duration, QuantityError, Size
     from blahvm.routing.fast import load_table
@@ -45,10 +44,7 @@ def run(args: argparse.Namespace) -> int:
             facts[FIELDS.index("cores")] = int(args.cores)
     except QuantityError as error:
         return fail(str(error))
-    try:
-        table = load_table(resolved_config_path(args), cache_dir())
-    except ConfigError as error:
-        return report_config_error(error)
+    table = load_table(resolved_config_path(args), cache_dir())
     trace = [] if args.explain else None
     result = table.decide(tuple(facts), trace)
     if args.json:

@@ -8,7 +8,7 @@ import pwd
 import sys
 import time
 
-from blahvm.cli.common import add_config_option, fail, report_config_error, resolved_config_path
+from blahvm.cli.common import add_config_option, fail, resolved_config_path
 from blahvm.cli.submission import BadSubmission, account_of, add_submission_options, submission_from_args
 
 EXIT_REJECTED, EXIT_RETRY, EXIT_FAIL_JOB = 1, 75, 76
@@ -39,15 +39,11 @@ def run(args: argparse.Namespace) -> int:
     if not command:
         return fail("run: no command given (blahvm run [options] -- COMMAND [ARG ...])")
     from blahvm.config import load_config
-    from blahvm.errors import ConfigError
     from blahvm.lifecycle import run_job
     from blahvm.model import Job, Outcome, Rejection
     from blahvm.routing.engine import route
 
-    try:
-        config = load_config(resolved_config_path(args))
-    except ConfigError as error:
-        return report_config_error(error)
+    config = load_config(resolved_config_path(args))
     try:
         user = args.user or pwd.getpwuid(os.getuid()).pw_name
         account = account_of(user)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from blahvm.cli.common import add_config_option, fail, report_config_error, resolved_config_path
+from blahvm.cli.common import add_config_option, fail, resolved_config_path
 from blahvm.cli.outcomes import EXIT_CODES_HELP, exit_code, step
 
 
@@ -21,15 +21,12 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from blahvm.config import ConfigError, load_config
+    from blahvm.config import load_config
     from blahvm.lifecycle import teardown
 
     if not args.job_id.strip():
         return fail("--job-id: must not be empty")
-    try:
-        config = load_config(resolved_config_path(args))
-    except ConfigError as error:
-        return report_config_error(error)
+    config = load_config(resolved_config_path(args))
     result = teardown(config, args.job_id)
     step(result.message)  # it carries its own timing
     return exit_code(result.outcome)
