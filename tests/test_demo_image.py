@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from blahvm.cli import image as image_cli
 from blahvm.image import cpio, debs, demo, guest_init, kmod
 from blahvm.image.errors import ImageBuildError
+from blahvm.hypervisor.spec import AGENT_PORT
 from blahvm.model import Environment
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
@@ -344,7 +345,7 @@ def _read_from_golden(golden, path, into):
 def test_root_disk_holds_init_python_and_agent(demo_image, tmp_path):
     init = _read_from_golden(demo_image.image, "/sbin/init", str(tmp_path)).decode()
     assert guest_init.READY_LINE in init and "poweroff -f" in init
-    assert f"--port {guest_init.AGENT_PORT}" in init
+    assert f"--port '{guest_init.AGENT_PORTS}'" in init
     assert _read_from_golden(demo_image.image, "/usr/bin/python3.11", str(tmp_path)).startswith(b"\x7fELF")
     agent = demo._read_agent()
     if agent is not None:
@@ -460,7 +461,7 @@ def _domain_xml(name, image, overlay, console, socket_path, hostname):
     ET.SubElement(serial, "target", port="0")
     channel = ET.SubElement(devices, "channel", type="unix")
     ET.SubElement(channel, "source", mode="bind", path=socket_path)
-    ET.SubElement(channel, "target", type="virtio", name=guest_init.AGENT_PORT)
+    ET.SubElement(channel, "target", type="virtio", name=AGENT_PORT.format(0))
     ET.SubElement(devices, "memballoon", model="none")
     return ET.tostring(domain, encoding="unicode")
 
@@ -525,7 +526,7 @@ def test_demo_guest_boots_to_init_and_agent_hello(demo_image):
 
                 hello = wait_ready(socket_path, timeout=BOOT_TIMEOUT)
                 print(f"boot to agent hello: {time.monotonic() - started:.1f}s")
-                assert hello.port == guest_init.AGENT_PORT
+                assert hello.port == AGENT_PORT.format(0)
                 assert hello.hostname == hostname
         finally:
             if domain is not None:

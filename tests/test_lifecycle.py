@@ -67,8 +67,8 @@ def make_config(tmp_path, golden, uri=TEST_URI, pool_path=POOL_PATH, pool="blahv
     )
 
 
-def make_job(job_id="1234.server", environment="demo", memory=256 * MiB, uid=None, gid=None):
-    decision = Decision(queue="short", environment=environment, rule="r", vo="cms", memory=Size(memory), vcpus=1)
+def make_job(job_id="1234.server", environment="demo", memory=256 * MiB, uid=None, gid=None, vcpus=1):
+    decision = Decision(queue="short", environment=environment, rule="r", vo="cms", memory=Size(memory), vcpus=vcpus)
     return Job(job_id=job_id, user="cms001", decision=decision, uid=uid, gid=gid, name="a job")
 
 
@@ -115,6 +115,20 @@ def test_prepare_makes_guest_clone_run_dir_and_ledger_entry(tmp_path, golden, ke
     assert {"clone", "boot"} <= dict(entry.timings).keys()
     assert "\n" not in result.message
     teardown(config, job.job_id)
+
+
+@pytest.mark.parametrize("vcpus, ports", [(1, 1), (3, 3), (40, 16)])
+def test_each_vcpu_gets_its_own_agent_port_in_the_run_dir(tmp_path, golden, keep_driver, vcpus, ports):
+    import xml.etree.ElementTree as ET
+
+    config = make_config(tmp_path, (*golden, {"vcpus": 64}), vcpus=64)
+    result = prepare(config, make_job(vcpus=vcpus), ready_timeout=None)
+    assert result.outcome is Outcome.OK, result.message
+    xml = keep_driver.raw.lookupByName(result.guest).XMLDesc()
+    channels = ET.fromstring(xml).findall("./devices/channel")
+    assert [(c.find("target").get("name"), c.find("source").get("path")) for c in channels] == [
+        (f"org.blahvm.agent.{i}", os.path.join(result.run_dir, f"agent.{i}.sock")) for i in range(ports)]
+    teardown(config, "1234.server")
 
 
 def test_hostile_job_id_and_name_stay_out_of_paths_and_xml(tmp_path, golden, keep_driver):

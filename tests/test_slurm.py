@@ -39,7 +39,7 @@ def site(demo_image):
     directory = tempfile.mkdtemp(prefix="blahvm-test-slurm-", dir="/var/tmp")
     os.chmod(directory, 0o755)
     pool = f"blahvm-test-slurm-{os.getpid()}"
-    vm = yaml.safe_load(demo_image.environment_yaml("vm"))["vm"]
+    vm = dict(yaml.safe_load(demo_image.environment_yaml("vm"))["vm"], vcpus=2)  # srun -n 2: a port per task
     broken = dict(vm, sha256="0" * 64)  # an image that fails its check: the job's fault, not the host's
     config = {
         "hypervisor": {"uri": "qemu:///system", "pool": pool, "pool_path": f"{directory}/clones",
@@ -157,15 +157,33 @@ def test_sbatch_runs_in_a_guest_with_its_output_and_exit_code(cluster, site):
     _nothing_left(cluster, site)
 
 
-def test_srun_through_the_task_wrapper(cluster, site):
-    result = cluster.run(["srun", "-D", site["work"], os.path.join(cluster.hooks, "task"), "--",
-                          "sh", "-c", "echo srun in $(uname -r); exit 3"], user=USER, timeout=240)
-    assert result.returncode == 3, result.stderr
-    assert "srun in" in result.stdout and os.uname().release not in result.stdout, result.stdout
-    time.sleep(1)
+def _wait_idle(cluster):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and cluster.node_state() != "idle":
         time.sleep(0.3)
+
+
+def test_plain_srun_tasks_run_in_the_guest_at_the_same_time(cluster, site):
+    """The SPANK plugin wraps every task: two tasks of one step, each on its own agent port, meet."""
+    meet = ("touch task$SLURM_PROCID; n=0; while [ ! -e task$((1 - SLURM_PROCID)) ]; do "
+            "n=$((n + 1)); [ $n -lt 600 ] || exit 9; sleep 0.1; done; "
+            "echo task$SLURM_PROCID in $(uname -r); exit 3")
+    result = cluster.run(["srun", "-n", "2", "-D", site["work"], "sh", "-c", meet], user=USER, timeout=300)
+    assert result.returncode == 3, (result.stdout, result.stderr, _blahvm_log(cluster))
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("task"))
+    assert [line.split()[0] for line in lines] == ["task0", "task1"], result.stdout
+    assert all(os.uname().release not in line for line in lines), lines  # the guest's kernel, not ours
+    _wait_idle(cluster)
+    _nothing_left(cluster, site)
+
+
+def test_srun_through_the_explicit_task_wrapper_is_wrapped_once(cluster, site):
+    result = cluster.run(["srun", "-D", site["work"], os.path.join(cluster.hooks, "task"), "--",
+                          "sh", "-c", "echo srun in $(uname -r) with $0; exit 4"], user=USER, timeout=240)
+    assert result.returncode == 4, result.stderr
+    assert "srun in" in result.stdout and os.uname().release not in result.stdout, result.stdout
+    assert "with sh" in result.stdout  # not the wrapper run by the wrapper
+    _wait_idle(cluster)
     _nothing_left(cluster, site)
 
 

@@ -44,13 +44,13 @@ def hook_script(system: str, module: str, function: str, config: str, extra: Opt
                            module=module, function=function, config=os.path.abspath(config), extra=arguments)
 
 
-def install_file(path: str, text: str, mode: int) -> None:
-    """Write ``text`` to ``path`` atomically with ``mode`` (a half-written hook is never run)."""
+def install_file(path: str, text: "str | bytes", mode: int) -> None:
+    """Write ``text`` to ``path`` atomically with ``mode`` (a half-written hook or plugin is never run)."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, temporary = tempfile.mkstemp(prefix=".blahvm-", dir=directory)
     try:
-        with os.fdopen(fd, "w") as stream:
-            stream.write(text)
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(text.encode() if isinstance(text, str) else text)
         os.chmod(temporary, mode)
         os.replace(temporary, path)
     except BaseException:

@@ -288,6 +288,13 @@ def task_argv(argv: "Sequence[str]") -> "List[str]":
     return ["/bin/sh", "-c", BATCH_SHIM, "slurm_script", os.fsdecode(rest), *argv[1:]]
 
 
+def _here() -> "Optional[str]":
+    try:
+        return os.getcwd()
+    except OSError:  # removed under us
+        return None
+
+
 def task_main(config: str, argv: "Optional[List[str]]" = None, environ: "Optional[Mapping[str, str]]" = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     environ = dict(os.environ if environ is None else environ)
@@ -321,6 +328,8 @@ def task_main(config: str, argv: "Optional[List[str]]" = None, environ: "Optiona
                                vo=None, memory=Size(0), vcpus=1)
         job = Job(job_id=job_id, user=me.pw_name, decision=placeholder, uid=os.getuid(), gid=os.getgid(),
                   workdir=environ.get("SLURM_JOB_WORK_DIR") or None)
-        return launch(site, job, command, env=environ)  # cwd: the shared work dir (job.workdir)
+        # The step's own directory (srun -D), which slurmstepd made ours: the guest has it at the same
+        # path when it is in the job's shared work dir, and says so in one line when it is not.
+        return launch(site, job, command, env=environ, cwd=_here() or job.workdir)
 
     return run_hook("slurm-task", body, on_error=TASK_FAILED)

@@ -11,8 +11,10 @@ HOOKS = (  # file, function in blahvm.batch.slurm
     ("task", "task_main"),
     ("route", "route_main"),
 )
-TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                        "plugins", "slurm", "job_submit.lua.in")
+PLUGIN_SOURCES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                              "plugins", "slurm")
+TEMPLATE = os.path.join(PLUGIN_SOURCES, "job_submit.lua.in")
+SPANK_SOURCE = os.path.join(PLUGIN_SOURCES, "blahvm_spank.c")
 
 
 def add_parser(systems) -> None:
@@ -27,6 +29,12 @@ def add_parser(systems) -> None:
     parser.add_argument("--task-python", default=None,
                         help="the interpreter of the task wrapper, which runs as the job's user: it must be one "
                              "every user can execute (default: the one running this command)")
+    parser.add_argument("--no-spank", action="store_true",
+                        help="do not build the SPANK plugin: srun then runs a command in the guest only when "
+                             "given as 'srun DIR/task -- COMMAND', and any other srun command on the host")
+    parser.add_argument("--cc", default="cc", help="the C compiler for the SPANK plugin (default cc)")
+    parser.add_argument("--slurm-include", default="/usr/include",
+                        help="the directory holding slurm/spank.h of the Slurm the nodes run (default /usr/include)")
     parser.set_defaults(run=run)
 
 
@@ -56,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
             return fail(f"{label} {path!r}: {problem}")
     if not os.path.isfile(config):
         return fail(f"--config {config}: no such file")
+    if not args.no_spank and not os.path.isfile(os.path.join(args.slurm_include, "slurm", "spank.h")):
+        return fail(f"--slurm-include {args.slurm_include}: no slurm/spank.h (install libslurm-dev, or pass "
+                    "--no-spank)")
     try:
         os.makedirs(directory, mode=0o755, exist_ok=True)
         paths = {}
@@ -69,6 +80,12 @@ def run(args: argparse.Namespace) -> int:
         with open(TEMPLATE) as stream:
             lua = stream.read().replace("@ROUTE@", paths["route"]).replace("@TASK@", paths["task"])
         install_file(os.path.join(directory, "job_submit.lua"), lua, 0o644)
+        if not args.no_spank:
+            problem = build_spank(args.cc, args.slurm_include, os.path.join(directory, "blahvm_spank.so"))
+            if problem:
+                return fail(f"cannot build the SPANK plugin: {problem} (or pass --no-spank)")
+            install_file(os.path.join(directory, "plugstack.conf"),
+                         f"required {directory}/blahvm_spank.so task={paths['task']}\n", 0o644)
     except OSError as error:
         return fail(f"cannot install into {directory}: {error.strerror or error}")
     print(f"""# blahvm: add to slurm.conf on every host, then copy {directory}/job_submit.lua next to slurm.conf
@@ -76,6 +93,35 @@ JobSubmitPlugins=lua
 Prolog={paths['prolog']}
 Epilog={paths['epilog']}
 PrologFlags=Alloc,NoHold
-SchedulerParameters=nohold_on_prolog_fail
-# interactive jobs run their command in the guest with: srun {paths['task']} -- COMMAND [ARG ...]""")
+SchedulerParameters=nohold_on_prolog_fail""")
+    if args.no_spank:
+        print(f"# without the SPANK plugin, srun runs a command in the guest only as: srun {paths['task']} -- COMMAND")
+    else:
+        print(f"""# every srun task runs in the guest: use this plugstack.conf, or include it from yours
+PlugStackConfig={directory}/plugstack.conf""")
     return 0
+
+
+def build_spank(cc: str, include: str, target: str) -> "str | None":
+    """Compile the SPANK plugin against this Slurm's headers into ``target``; None, or what went wrong."""
+    import subprocess
+    import tempfile
+
+    from blahvm.batch.install import install_file
+
+    with tempfile.TemporaryDirectory(prefix="blahvm-spank-") as scratch:
+        built = os.path.join(scratch, "blahvm_spank.so")
+        argv = [cc, "-O2", "-Wall", "-shared", "-fPIC", f"-I{include}", "-o", built, SPANK_SOURCE]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        except FileNotFoundError:
+            return f"no C compiler {cc!r} (install gcc)"
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return f"{cc}: {error}"
+        if done.returncode != 0:
+            first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip())
+            return f"{cc} failed: {' '.join(first.split())[:300]}"
+        with open(built, "rb") as stream:
+            install_file(target, stream.read(), 0o755)
+    return None
+

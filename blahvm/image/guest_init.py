@@ -19,7 +19,7 @@ from typing import Sequence
 
 READY_LINE = "blahvm-guest: init ready"
 AGENT_PATH = "/usr/lib/blahvm/agent.py"
-AGENT_PORT = "org.blahvm.agent.0"
+AGENT_PORTS = "org.blahvm.agent.*"  # every agent port the guest has: one per task that may run at once
 HOSTNAME_ARGUMENT = "blahvm.hostname"  # kernel command line: blahvm.hostname=NAME
 WORKDIR_ARGUMENT = "blahvm.workdir"  # kernel command line: blahvm.workdir=<hex of the UTF-8 path>
 WORKDIR_TAG = "blahvm-workdir"  # the virtiofs tag of the job's directory
@@ -147,7 +147,7 @@ if [ -n "$workdir_hex" ]; then  # a job without its files must not run: stop the
 fi
 echo "{READY_LINE}"
 if [ -f {AGENT_PATH} ]; then
-    python3 {AGENT_PATH} --port {AGENT_PORT}
+    python3 {AGENT_PATH} --port '{AGENT_PORTS}'
     echo "blahvm-guest: agent exited with status $?"
 else
     echo "blahvm-guest: no agent in this image"

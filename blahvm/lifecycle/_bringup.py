@@ -17,7 +17,7 @@ from blahvm.guest import client
 from blahvm.hypervisor import guests
 from blahvm.hypervisor.connection import Connection
 from blahvm.ledger import Entry, Ledger, State, owner_alive
-from blahvm.lifecycle._common import JobNames, Refusal, job_names
+from blahvm.lifecycle._common import MAX_AGENT_PORTS, JobNames, Refusal, job_names
 from blahvm.lifecycle.results import PrepareResult
 from blahvm.model import Environment, Job, Outcome, SiteConfig
 
@@ -136,15 +136,16 @@ class BringUp:
 
 
 def hand_over_socket(names: JobNames, job: Job, wait: bool) -> None:
-    """Give the socket, then its directory, to the job's user (drivers without channels make none)."""
+    """Give the agent sockets, then their directory, to the job's user (drivers without channels make none)."""
     if wait:
-        _wait_for_path(names.socket, SOCKET_APPEAR_TIMEOUT)
+        _wait_for_path(names.socket, SOCKET_APPEAR_TIMEOUT)  # the hypervisor binds every port's socket at start
     uid = -1 if job.uid is None else job.uid
     gid = -1 if job.gid is None else job.gid
-    if os.path.lexists(names.socket):
-        # The directory is still root's alone, so nobody can have swapped the socket for a link.
-        os.chown(names.socket, uid, gid, follow_symlinks=False)
-        os.chmod(names.socket, 0o600)
+    # The directory is still root's alone, so nobody can have swapped a socket for a link.
+    for path in names.sockets(MAX_AGENT_PORTS):
+        if os.path.lexists(path):
+            os.chown(path, uid, gid, follow_symlinks=False)
+            os.chmod(path, 0o600)
     os.chown(names.run_dir, uid, gid)
 
 

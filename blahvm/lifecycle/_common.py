@@ -14,7 +14,8 @@ from blahvm.hypervisor.errors import HypervisorError
 from blahvm.hypervisor.storage import ClonePool
 from blahvm.model import Environment, Outcome, SiteConfig
 
-AGENT_SOCKET = "agent.0.sock"  # the name guest.client.acquire_port looks for
+AGENT_SOCKET = "agent.{}.sock"  # the names guest.client.acquire_port looks for
+MAX_AGENT_PORTS = 16  # one per vcpu, so each task of a parallel job has its own; a virtio-serial bus has 31
 
 
 class Refusal(Exception):
@@ -37,7 +38,13 @@ class JobNames:
 
     @property
     def socket(self) -> str:
-        return os.path.join(self.run_dir, AGENT_SOCKET)
+        """The first agent port's socket: the one readiness is asked on."""
+        return os.path.join(self.run_dir, AGENT_SOCKET.format(0))
+
+    def sockets(self, count: int) -> Tuple[str, ...]:
+        """The sockets of ``count`` agent ports (at least one, at most MAX_AGENT_PORTS)."""
+        count = max(1, min(count, MAX_AGENT_PORTS))
+        return tuple(os.path.join(self.run_dir, AGENT_SOCKET.format(i)) for i in range(count))
 
     def volumes(self, environment: Environment) -> Tuple[str, ...]:
         return (self.disk, self.scratch) if environment.scratch else (self.disk,)

@@ -215,7 +215,7 @@ class _Preparation(BringUp):
             vcpus=decision.vcpus,
             disks=disks,
             metadata=metadata,
-            agent_sockets=(self.names.socket,),
+            agent_sockets=self.names.sockets(decision.vcpus),  # one per task that may run at once
             shares=self._shares(),
             kernel=env.kernel,
             initrd=env.initrd,
