@@ -40,11 +40,11 @@ class SlurmCluster:
     """``with SlurmCluster(extra_lines) as cluster: cluster.run(["sbatch", ...])``."""
 
     def __init__(self, extra: Optional[List[str]] = None, directory: Optional[str] = None,
-                 cpus: int = 2, features: str = "", files: Optional[Dict[str, str]] = None) -> None:
+                 cpus: int = 2, node_options: str = "", files: Optional[Dict[str, str]] = None) -> None:
         self.extra = list(extra or [])
         self.files = dict(files or {})  # name in the config directory -> file to copy there (job_submit.lua)
         self.cpus = cpus
-        self.features = features  # node features: the environments this node offers
+        self.node_options = node_options  # e.g. "Features=vm Gres=blahvm:1": its environments and guest slots
         self.dir = directory or tempfile.mkdtemp(prefix="blahvm-slurm-", dir="/var/tmp")
         os.chmod(self.dir, 0o755)  # job users read the config through it
         self.conf = os.path.join(self.dir, "slurm.conf")
@@ -147,8 +147,7 @@ class SlurmCluster:
             "MinJobAge=120",
             "KillWait=5",
             *self.extra,
-            f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=4000 State=UNKNOWN"
-            + (f" Features={self.features}" if self.features else ""),
+            f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=4000 State=UNKNOWN {self.node_options}",
         ]
         if not any(line.startswith("PartitionName=") for line in self.extra):
             lines.append("PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP")

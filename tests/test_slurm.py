@@ -81,10 +81,12 @@ def cluster(site):
     assert installed.returncode == 0, installed.stderr
     lines = [line for line in installed.stdout.splitlines() if line and not line.startswith("#")]
     assert f"Prolog={hooks}/prolog" in lines
+    (node_options,) = [line[1:].strip() for line in installed.stdout.splitlines() if line.startswith("#   Features=")]
+    assert node_options == "Features=broken,vm Gres=blahvm:1", node_options
     with SlurmCluster(lines + ["PartitionName=grid Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
                                "PartitionName=vms Nodes=localhost MaxTime=INFINITE State=UP",
                                ],
-                      features="vm,broken", files={"job_submit.lua": os.path.join(hooks, "job_submit.lua")}) as running:
+                      node_options=node_options, files={"job_submit.lua": os.path.join(hooks, "job_submit.lua")}) as running:
         running.hooks = hooks
         yield running
 
@@ -218,7 +220,8 @@ def test_scancel_reaches_the_payload(cluster, site):
     _nothing_left(cluster, site)
 
 
-def test_no_slot_requeues_and_runs_later(cluster, site):
+def test_guest_slots_are_a_gres_so_a_full_host_gets_no_more_jobs(cluster, site):
+    """max_guests is 1: the second job waits in the queue for the slot instead of being sent and requeued."""
     out = os.path.join(site["work"], "slot-%j.out")
     ids = []
     for n in (1, 2):
@@ -226,12 +229,48 @@ def test_no_slot_requeues_and_runs_later(cluster, site):
                                  "--wrap", f"sleep 4; echo job-{n} done"], user=USER)
         assert submitted.returncode == 0, submitted.stderr
         ids.append(submitted.stdout.strip())
+    assert "gres:blahvm:1" in cluster.job(ids[0]).get("TresPerNode", ""), cluster.job(ids[0])
     results = [cluster.wait_job(job_id, states=("COMPLETED", "FAILED", "CANCELLED"), timeout=300) for job_id in ids]
     assert [r["JobState"] for r in results] == ["COMPLETED", "COMPLETED"], results
-    assert max(int(r.get("Restarts", "0")) for r in results) >= 1, results  # one waited for the slot
+    assert [r.get("Restarts") for r in results] == ["0", "0"], results  # nobody was sent to a full host
     for n, job_id in enumerate(ids, start=1):
         with open(out.replace("%j", job_id)) as stream:
             assert f"job-{n} done" in stream.read()
-    assert "drain" not in cluster.node().get("State", "").lower()
     _settle(cluster, ids[-1])
+    _nothing_left(cluster, site)
+
+
+def test_no_free_slot_on_the_host_requeues_and_the_job_runs_later(cluster, site):
+    """A slot held outside Slurm (a guest prepared by hand) makes the Prolog answer RETRY_ELSEWHERE."""
+    from blahvm.config import load_config
+    from blahvm.lifecycle import prepare, teardown
+    from blahvm.model import Decision, Job
+    from blahvm.quantities import Size
+
+    config = load_config(site["config"])
+    nobody = pwd.getpwnam(USER)
+    decision = Decision(queue="vms", environment="vm", rule="by-hand", vo=None, memory=Size(256 * 2**20), vcpus=1)
+    held = Job(job_id="held-by-hand", user=USER, decision=decision, uid=nobody.pw_uid, gid=nobody.pw_gid)
+    assert prepare(config, held, ready_timeout=None).outcome.name == "OK"
+    try:
+        out = os.path.join(site["work"], "requeue-%j.out")
+        submitted = cluster.run(["sbatch", "--parsable", "-D", site["work"], "-o", out, "--wrap", "echo ran"],
+                                user=USER)
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.strip()
+        deadline = time.monotonic() + 120
+        fields = cluster.job(job_id)
+        while int(fields.get("Restarts", "0")) < 1 or fields["JobState"] != "PENDING":  # requeued, Epilog done
+            assert time.monotonic() < deadline, (fields, _blahvm_log(cluster))
+            time.sleep(0.3)
+            fields = cluster.job(job_id)
+        assert "drain" not in cluster.node().get("State", "").lower()
+    finally:
+        assert teardown(config, held.job_id).outcome.name == "OK"
+    cluster.scontrol("update", f"JobId={job_id}", "StartTime=now")  # skip Slurm's delay before a requeued job
+    fields = cluster.wait_job(job_id, states=("COMPLETED", "FAILED", "CANCELLED"), timeout=300)
+    assert fields["JobState"] == "COMPLETED", (fields, _blahvm_log(cluster))
+    with open(out.replace("%j", job_id)) as stream:
+        assert "ran" in stream.read()
+    _settle(cluster, job_id)
     _nothing_left(cluster, site)

@@ -29,6 +29,8 @@ def test_the_spank_plugin_is_built_for_this_slurm_and_wired_to_the_task_wrapper(
     done, hooks = install(tmp_path)
     assert done.returncode == 0, done.stderr
     assert f"PlugStackConfig={hooks}/plugstack.conf" in done.stdout.splitlines()
+    assert "GresTypes=blahvm" in done.stdout.splitlines()
+    assert "#   Features=NONE Gres=blahvm:1" in done.stdout.splitlines()  # no environments; max_guests 1
     assert (hooks / "plugstack.conf").read_text() == f"required {hooks}/blahvm_spank.so task={hooks}/task\n"
     # Slurm refuses a plugin built for another release: the version in it is this Slurm's
     plugin = ctypes.CDLL(str(hooks / "blahvm_spank.so"), mode=os.RTLD_LAZY)
@@ -61,3 +63,12 @@ def test_a_plugin_that_cannot_be_built_is_one_line_and_exit_2(tmp_path, extra, e
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and expected in done.stderr and "--no-spank" in done.stderr, done.stderr
     assert not (hooks / "blahvm_spank.so").exists() and not (hooks / "plugstack.conf").exists()
+
+
+def test_an_unreadable_config_stops_the_install_before_anything_is_written(tmp_path):
+    config = tmp_path / "site.yaml"
+    config.write_text("environments: [\n")
+    done = subprocess.run([sys.executable, "-m", "blahvm.cli.main", "install", "slurm", "--no-spank", "--dir",
+                           str(tmp_path / "hooks"), "--config", str(config)], capture_output=True, text=True)
+    assert done.returncode == 2 and "site.yaml:2" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "hooks").exists()

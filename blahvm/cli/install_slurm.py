@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_spank and not os.path.isfile(os.path.join(args.slurm_include, "slurm", "spank.h")):
         return fail(f"--slurm-include {args.slurm_include}: no slurm/spank.h (install libslurm-dev, or pass "
                     "--no-spank)")
+    node = node_line(config)  # a config that cannot be read stops here, before anything is written
     try:
         os.makedirs(directory, mode=0o755, exist_ok=True)
         paths = {}
@@ -90,16 +91,28 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"cannot install into {directory}: {error.strerror or error}")
     print(f"""# blahvm: add to slurm.conf on every host, then copy {directory}/job_submit.lua next to slurm.conf
 JobSubmitPlugins=lua
+GresTypes=blahvm
 Prolog={paths['prolog']}
 Epilog={paths['epilog']}
 PrologFlags=Alloc,NoHold
-SchedulerParameters=nohold_on_prolog_fail""")
+SchedulerParameters=nohold_on_prolog_fail
+# and to each blahvm host's NodeName= line (this config's environments and guest slots):
+#   {node}""")
     if args.no_spank:
         print(f"# without the SPANK plugin, srun runs a command in the guest only as: srun {paths['task']} -- COMMAND")
     else:
         print(f"""# every srun task runs in the guest: use this plugstack.conf, or include it from yours
 PlugStackConfig={directory}/plugstack.conf""")
     return 0
+
+
+def node_line(config_path: str) -> str:
+    """``Features=... Gres=blahvm:N`` for a host running ``config_path``: its environments, its slots."""
+    from blahvm.config import load_config
+
+    site = load_config(config_path)
+    features = ",".join(sorted(site.environments)) or "NONE"
+    return f"Features={features} Gres=blahvm:{site.host.max_guests}"
 
 
 def build_spank(cc: str, include: str, target: str) -> "str | None":
