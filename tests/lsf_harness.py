@@ -1,5 +1,5 @@
-"""Run blahvm's installed LSF hooks the way LSF runs them (observed on volclava 2.2, see
-/work/shared/reference/observed-real-batch.md): each in its own process, with LSF's argv,
+"""Run blahvm's installed LSF hooks the way LSF runs them (as observed on a real volclava 2.2): each
+in its own process, with LSF's argv,
 environment, files, user, working directory and stdio.
 
 - esub: as the submitting user (``nobody``), cwd = the submit directory, argv = its path only,

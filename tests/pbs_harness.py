@@ -1,4 +1,4 @@
-"""Run blahvm's PBS scripts and hook the way a PBS mom and server do (reference/observed-real-batch.md).
+"""Run blahvm's PBS scripts and hook the way a PBS mom and server do (as observed on a real OpenPBS).
 
 - ``run_script``: a prologue or epilogue as the mom runs it: root, cwd ``mom_priv`` (the epilogue: the
   user's home), umask 077, stdin ``/dev/null``, an almost empty environment, stdout and stderr into
