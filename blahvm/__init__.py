@@ -22,6 +22,21 @@ _PUBLIC = {
     "Job": "blahvm.model",
     "Duration": "blahvm.quantities",
     "Size": "blahvm.quantities",
+    "QuantityError": "blahvm.quantities",
+    "prepare": "blahvm.lifecycle",
+    "wait_ready": "blahvm.lifecycle",
+    "launch": "blahvm.lifecycle",
+    "teardown": "blahvm.lifecycle",
+    "capacity": "blahvm.lifecycle",
+    "reap": "blahvm.lifecycle",
+    "run_job": "blahvm.lifecycle",
+    "LAUNCH_FAILED": "blahvm.lifecycle",
+    "PrepareResult": "blahvm.lifecycle",
+    "ReadyResult": "blahvm.lifecycle",
+    "TeardownResult": "blahvm.lifecycle",
+    "Capacity": "blahvm.lifecycle",
+    "ReapReport": "blahvm.lifecycle",
+    "RunResult": "blahvm.lifecycle",
 }
 
 __all__ = ["__version__", *_PUBLIC]
