@@ -18,6 +18,7 @@ import time
 from typing import Dict, List, Optional
 
 SBIN = "/usr/sbin"
+NODE = "node1"  # not "localhost": squeue -w takes that to mean this machine's hostname
 
 
 def _free_port() -> int:
@@ -86,7 +87,7 @@ class SlurmCluster:
         return lines[0] if lines else ""
 
     def node(self) -> Dict[str, str]:
-        out = self.scontrol("show", "node", "-o", "localhost")
+        out = self.scontrol("show", "node", "-o", NODE)
         return dict(word.partition("=")[::2] for word in out.split() if "=" in word)
 
     def wait_job(self, job_id: str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
@@ -147,10 +148,10 @@ class SlurmCluster:
             "MinJobAge=120",
             "KillWait=5",
             *self.extra,
-            f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=4000 State=UNKNOWN {self.node_options}",
+            f"NodeName={NODE} NodeHostname=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=4000 State=UNKNOWN {self.node_options}",
         ]
         if not any(line.startswith("PartitionName=") for line in self.extra):
-            lines.append("PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP")
+            lines.append(f"PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP")
         with open(self.conf, "w") as stream:
             stream.write("\n".join(lines) + "\n")
         os.chmod(self.conf, 0o644)
@@ -177,7 +178,7 @@ class SlurmCluster:
         self._daemon([f"{SBIN}/slurmctld", "-c", "-f", self.conf])
         self._wait_for(lambda: self.run(["scontrol", "ping"]).stdout.count("UP") > 0, "slurmctld")
         self.pidfiles["slurmd"] = os.path.join(self.dir, "slurmd.pid")
-        self._daemon([f"{SBIN}/slurmd", "-N", "localhost", "-f", self.conf])
+        self._daemon([f"{SBIN}/slurmd", "-N", NODE, "-f", self.conf])
         self._wait_for(lambda: self.node_state() == "idle", "the node to come up idle")
         return self
 

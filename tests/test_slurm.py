@@ -7,6 +7,7 @@ down by the Epilog.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -18,7 +19,7 @@ import time
 import pytest
 import yaml
 
-from tests.slurm_cluster import SlurmCluster, available
+from tests.slurm_cluster import NODE, SlurmCluster, available
 
 pytestmark = pytest.mark.guest
 
@@ -81,10 +82,13 @@ def cluster(site):
     assert installed.returncode == 0, installed.stderr
     lines = [line for line in installed.stdout.splitlines() if line and not line.startswith("#")]
     assert f"Prolog={hooks}/prolog" in lines
+    # the tests run the health check themselves, at the moments they choose
+    assert f"HealthCheckProgram={hooks}/health" in lines
+    lines = [line for line in lines if not line.startswith("HealthCheck")]
     (node_options,) = [line[1:].strip() for line in installed.stdout.splitlines() if line.startswith("#   Features=")]
     assert node_options == "Features=broken,vm Gres=blahvm:1", node_options
-    with SlurmCluster(lines + ["PartitionName=grid Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
-                               "PartitionName=vms Nodes=localhost MaxTime=INFINITE State=UP",
+    with SlurmCluster(lines + [f"PartitionName=grid Nodes={NODE} Default=YES MaxTime=INFINITE State=UP",
+                               f"PartitionName=vms Nodes={NODE} MaxTime=INFINITE State=UP",
                                ],
                       node_options=node_options, files={"job_submit.lua": os.path.join(hooks, "job_submit.lua")}) as running:
         running.hooks = hooks
@@ -240,8 +244,9 @@ def test_guest_slots_are_a_gres_so_a_full_host_gets_no_more_jobs(cluster, site):
     _nothing_left(cluster, site)
 
 
-def test_no_free_slot_on_the_host_requeues_and_the_job_runs_later(cluster, site):
-    """A slot held outside Slurm (a guest prepared by hand) makes the Prolog answer RETRY_ELSEWHERE."""
+@contextlib.contextmanager
+def _slot_held_outside_slurm(site):
+    """A guest prepared by hand, as a leftover awaiting reap would be: it holds one of the host's slots."""
     from blahvm.config import load_config
     from blahvm.lifecycle import prepare, teardown
     from blahvm.model import Decision, Job
@@ -253,6 +258,14 @@ def test_no_free_slot_on_the_host_requeues_and_the_job_runs_later(cluster, site)
     held = Job(job_id="held-by-hand", user=USER, decision=decision, uid=nobody.pw_uid, gid=nobody.pw_gid)
     assert prepare(config, held, ready_timeout=None).outcome.name == "OK"
     try:
+        yield
+    finally:
+        assert teardown(config, held.job_id).outcome.name == "OK"
+
+
+def test_no_free_slot_on_the_host_requeues_and_the_job_runs_later(cluster, site):
+    """A slot held outside Slurm makes the Prolog answer RETRY_ELSEWHERE: requeued, node never drained."""
+    with _slot_held_outside_slurm(site):
         out = os.path.join(site["work"], "requeue-%j.out")
         submitted = cluster.run(["sbatch", "--parsable", "-D", site["work"], "-o", out, "--wrap", "echo ran"],
                                 user=USER)
@@ -265,8 +278,6 @@ def test_no_free_slot_on_the_host_requeues_and_the_job_runs_later(cluster, site)
             time.sleep(0.3)
             fields = cluster.job(job_id)
         assert "drain" not in cluster.node().get("State", "").lower()
-    finally:
-        assert teardown(config, held.job_id).outcome.name == "OK"
     cluster.scontrol("update", f"JobId={job_id}", "StartTime=now")  # skip Slurm's delay before a requeued job
     fields = cluster.wait_job(job_id, states=("COMPLETED", "FAILED", "CANCELLED"), timeout=300)
     assert fields["JobState"] == "COMPLETED", (fields, _blahvm_log(cluster))
@@ -274,3 +285,40 @@ def test_no_free_slot_on_the_host_requeues_and_the_job_runs_later(cluster, site)
         assert "ran" in stream.read()
     _settle(cluster, job_id)
     _nothing_left(cluster, site)
+
+
+def test_health_check_offers_the_free_slots_and_drains_only_while_the_host_is_broken(cluster, site, monkeypatch):
+    def health(config=None):
+        if config is None:  # the installed hook, as slurmd runs it: root, no PATH, SLURMD_NODENAME
+            done = subprocess.run([os.path.join(cluster.hooks, "health")], capture_output=True, text=True,
+                                  env={"SLURMD_NODENAME": NODE, "SLURM_CONF": cluster.conf})
+            assert (done.returncode, done.stderr) == (0, ""), done
+        else:
+            from blahvm.batch.slurm import health_main
+
+            monkeypatch.setenv("SLURM_CONF", cluster.conf)
+            assert health_main(config, environ={"SLURMD_NODENAME": NODE}) == 0
+        return cluster.node()
+
+    assert health()["Gres"] == "blahvm:1"
+    with _slot_held_outside_slurm(site):
+        assert health()["Gres"] == "blahvm:0", _blahvm_log(cluster)  # Slurm sends nothing this host could not start
+    node = health()
+    assert node["Gres"] == "blahvm:1" and "DRAIN" not in node["State"]
+
+    with open(site["config"]) as stream:
+        config = yaml.safe_load(stream)
+    config["hypervisor"]["uri"] = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
+    broken = os.path.join(site["dir"], "broken.yaml")
+    with open(broken, "w") as stream:
+        yaml.safe_dump(config, stream)
+    node = health(broken)
+    assert "DRAIN" in node["State"], node
+    assert cluster.scontrol("show", "node", NODE).count("Reason=blahvm: ") == 1
+    cluster.scontrol("update", f"NodeName={NODE}", "State=RESUME")
+    cluster.scontrol("update", f"NodeName={NODE}", "State=DRAIN", "Reason=maintenance")
+    assert "DRAIN" in health()["State"]  # an admin's drain is the admin's to lift
+    cluster.scontrol("update", f"NodeName={NODE}", "State=RESUME")
+    health(broken)
+    node = health()
+    assert "DRAIN" not in node["State"] and node["Gres"] == "blahvm:1", node

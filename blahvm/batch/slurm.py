@@ -7,7 +7,11 @@
                    and 0. Never non-zero for a job's own fault: that would drain the node.
 - ``epilog_main``  Epilog (root): teardown. Non-zero only when the host itself is broken.
 - ``task_main``    the batch script's interpreter (job_submit.lua puts ``#!TASK`` in front of the
-                   script) and ``srun TASK -- CMD``: runs the job inside its guest as the job user.
+                   script) and every srun task (the SPANK plugin execs ``TASK -- CMD``): runs the job
+                   inside its guest as the job user.
+- ``health_main``  HealthCheckProgram (root, periodic): drains the node while its hypervisor, ledger
+                   or config is unusable and resumes it after; keeps the node's ``blahvm`` GRES at
+                   the guest slots Slurm may still fill (``max_guests`` less those held outside Slurm).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from blahvm.batch.log import log_event
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import List, Mapping, Optional, Sequence, Union
+    from typing import Dict, List, Mapping, Optional, Sequence, Union
 
     from blahvm.model import Job, Rejection, SiteConfig
 
@@ -333,3 +337,101 @@ def task_main(config: str, argv: "Optional[List[str]]" = None, environ: "Optiona
         return launch(site, job, command, env=environ, cwd=_here() or job.workdir)
 
     return run_hook("slurm-task", body, on_error=TASK_FAILED)
+
+
+# -- HealthCheckProgram: the node's health and guest slots ------------------------------------------
+
+DRAIN_PREFIX = "blahvm:"  # the node drain reasons this hook owns (and so may lift)
+SLOT_GRES = "blahvm"
+
+
+def node_updates(node: str, fields: "Mapping[str, str]", problem: "Optional[str]", max_guests: int,
+                 live_jobs: "Sequence[str]", slurm_jobs: "Sequence[str]") -> "List[List[str]]":
+    """The ``scontrol`` arguments that make the node say what blahvm can do now (pure).
+
+    ``fields`` are the node's State, Reason and Gres; ``live_jobs`` the ledger's live job ids,
+    read before ``slurm_jobs``, the ids Slurm has on the node (so a job in the first but not the
+    second holds its slot outside Slurm: a guest awaiting reap, a prepare by hand).
+    """
+    state, reason = fields.get("State", ""), fields.get("Reason", "")
+    drained = "DRAIN" in state.upper()
+    if problem is not None:
+        if drained:
+            return []  # ours already, or someone else's: either way nothing more to say
+        return [["update", f"NodeName={node}", "State=DRAIN", f"Reason={DRAIN_PREFIX} {' '.join(problem.split())}"[:200]]]
+    updates = []
+    if drained and reason.startswith(DRAIN_PREFIX):
+        updates.append(["update", f"NodeName={node}", "State=RESUME"])
+    gres = [item for item in fields.get("Gres", "").split(",") if item and item != "(null)"]
+    if [item.split(":")[0] for item in gres] == [SLOT_GRES]:  # other GRES cannot be rewritten safely
+        outside = len(set(live_jobs) - set(slurm_jobs))
+        wanted = f"{SLOT_GRES}:{max(0, max_guests - outside)}"
+        if gres[0] != wanted:
+            updates.append(["update", f"NodeName={node}", f"Gres={wanted}"])
+    return updates
+
+
+def parse_node(text: str) -> "Dict[str, str]":
+    """State, Reason and Gres from ``scontrol show node -o`` (Reason, free text, comes last)."""
+    head, _, reason = text.strip().partition(" Reason=")
+    fields = dict(word.partition("=")[::2] for word in head.split() if "=" in word)
+    if reason:
+        fields["Reason"] = reason.rsplit(" [", 1)[0] if reason.endswith("]") else reason
+    return {key: fields[key] for key in ("State", "Reason", "Gres") if key in fields}
+
+
+def _slurm_output(slurm_bin: str, *args: str) -> str:
+    done = subprocess.run([os.path.join(slurm_bin, args[0]), *args[1:]], capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise OSError(" ".join((done.stderr or f"{args[0]} exit {done.returncode}").split()))
+    return done.stdout
+
+
+def _host_problem(site) -> "Optional[str]":
+    """Why this host cannot run guests now, or None; the ledger's live job ids on the way."""
+    from blahvm.hypervisor.connection import open_connection
+    from blahvm.hypervisor.errors import HypervisorError
+
+    try:
+        open_connection(site.hypervisor.uri, timeout=site.hypervisor.timeout).close()
+    except HypervisorError as error:
+        return str(error)
+    return None
+
+
+def health_main(config: str, slurm_bin: str = "/usr/bin", environ: "Optional[Mapping[str, str]]" = None) -> int:
+    """Always 0: Slurm ignores a health check's status; what it does is its scontrol updates."""
+    import socket
+
+    environ = os.environ if environ is None else environ
+    node = environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+
+    def body() -> int:
+        from blahvm.config import ConfigError, load_config
+        from blahvm.ledger import Ledger, LedgerError
+
+        log_file, problem, live, max_guests = None, None, [], 0
+        try:
+            site = load_config(config)
+            log_file, max_guests = site.host.log_file, site.host.max_guests
+            with Ledger(site.host) as ledger:
+                live = [entry.job_id for entry in ledger.live()]
+            problem = _host_problem(site)
+        except ConfigError as error:
+            problem = f"config unusable: {' '.join(str(error).split())}"
+        except LedgerError as error:
+            problem = f"ledger unusable: {error}"
+        try:
+            fields = parse_node(_slurm_output(slurm_bin, "scontrol", "show", "node", "-o", node))
+            running = [] if problem else _slurm_output(slurm_bin, "squeue", "-h", "-w", node, "-o", "%A").split()
+        except (OSError, subprocess.TimeoutExpired) as error:
+            log_event("slurm-health", f"cannot read node {node} from Slurm: {error}", log_file=log_file)
+            return 0
+        for update in node_updates(node, fields, problem, max_guests, live, running):
+            complaint = _scontrol(slurm_bin, "scontrol", *update)
+            log_event("slurm-health", " ".join(update[2:]) + (f" failed: {complaint}" if complaint else ""),
+                      log_file=log_file)
+        return 0
+
+    return run_hook("slurm-health", body, on_error=0, stderr=False)

@@ -10,6 +10,7 @@ HOOKS = (  # file, function in blahvm.batch.slurm
     ("epilog", "epilog_main"),
     ("task", "task_main"),
     ("route", "route_main"),
+    ("health", "health_main"),
 )
 PLUGIN_SOURCES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                               "plugins", "slurm")
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         os.makedirs(directory, mode=0o755, exist_ok=True)
         paths = {}
         for name, function in HOOKS:
-            extra = {"slurm_bin": args.slurm_bin} if name == "prolog" else None
+            extra = {"slurm_bin": args.slurm_bin} if name in ("prolog", "health") else None
             text = hook_script("slurm", "blahvm.batch.slurm", function, config, extra)
             if name == "task" and args.task_python:
                 text = f"#!{args.task_python} -IS\n" + text.split("\n", 1)[1]
@@ -96,6 +97,8 @@ Prolog={paths['prolog']}
 Epilog={paths['epilog']}
 PrologFlags=Alloc,NoHold
 SchedulerParameters=nohold_on_prolog_fail
+HealthCheckProgram={paths['health']}
+HealthCheckInterval=60
 # and to each blahvm host's NodeName= line (this config's environments and guest slots):
 #   {node}""")
     if args.no_spank:
