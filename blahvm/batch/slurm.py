@@ -389,7 +389,7 @@ def _slurm_output(slurm_bin: str, *args: str) -> str:
 
 
 def _host_problem(site) -> "Optional[str]":
-    """Why this host cannot run guests now, or None; the ledger's live job ids on the way."""
+    """Why this host cannot run guests now (its hypervisor does not answer), or None."""
     from blahvm.hypervisor.connection import open_connection
     from blahvm.hypervisor.errors import HypervisorError
 

@@ -140,4 +140,3 @@ def build_spank(cc: str, include: str, target: str) -> "str | None":
         with open(built, "rb") as stream:
             install_file(target, stream.read(), 0o755)
     return None
-

@@ -17,7 +17,7 @@ from blahvm.guest import client
 from blahvm.hypervisor import guests
 from blahvm.hypervisor.connection import Connection
 from blahvm.ledger import Entry, Ledger, State, owner_alive
-from blahvm.lifecycle._common import MAX_AGENT_PORTS, JobNames, Refusal, job_names
+from blahvm.lifecycle._common import JobNames, Refusal, job_names
 from blahvm.lifecycle.results import PrepareResult
 from blahvm.model import Environment, Job, Outcome, SiteConfig
 
@@ -135,14 +135,17 @@ class BringUp:
         )
 
 
-def hand_over_socket(names: JobNames, job: Job, wait: bool) -> None:
-    """Give the agent sockets, then their directory, to the job's user (drivers without channels make none)."""
+def hand_over_socket(names: JobNames, job: Job, wait: bool, ports: int = 1) -> None:
+    """Give the ``ports`` agent sockets, then their directory, to the job's user (drivers without
+    channels make none)."""
+    sockets = names.sockets(ports)
     if wait:
-        _wait_for_path(names.socket, SOCKET_APPEAR_TIMEOUT)  # the hypervisor binds every port's socket at start
+        for path in sockets:
+            _wait_for_path(path, SOCKET_APPEAR_TIMEOUT)
     uid = -1 if job.uid is None else job.uid
     gid = -1 if job.gid is None else job.gid
     # The directory is still root's alone, so nobody can have swapped a socket for a link.
-    for path in names.sockets(MAX_AGENT_PORTS):
+    for path in sockets:
         if os.path.lexists(path):
             os.chown(path, uid, gid, follow_symlinks=False)
             os.chmod(path, 0o600)

@@ -164,7 +164,7 @@ class _Preparation(BringUp):
         self._move(entry, State.BOOTING)
         started = time.monotonic()
         guests.define_and_start(self.conn, xml)
-        hand_over_socket(self.names, self.job, wait=self.ready_timeout is not None)
+        hand_over_socket(self.names, self.job, wait=self.ready_timeout is not None, ports=self.job.decision.vcpus)
         return self._started(started)
 
     def _take_apart(self, entry: Entry) -> Optional[str]:
