@@ -306,6 +306,14 @@ def test_reap_finds_orphans_and_dry_run_only_reports(tmp_path, golden, keep_driv
     assert_nothing_left(config, keep_driver)
 
 
+def test_a_dry_run_reap_makes_no_pool(tmp_path, golden, keep_driver):
+    config = make_config(tmp_path, golden, pool="blahvm-never-made")
+    report = reap(config, dry_run=True)
+    assert report.outcome is Outcome.OK and report.volumes == (), report.message
+    pools = keep_driver.raw.listAllStoragePools(0)
+    assert "blahvm-never-made" not in {pool.name() for pool in pools}
+
+
 def test_launch_without_a_guest_says_why_on_stderr(tmp_path, golden):
     config = make_config(tmp_path, golden)
     read_fd, write_fd = os.pipe()

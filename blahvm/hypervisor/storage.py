@@ -133,6 +133,19 @@ class ClonePool:
         _refresh(conn, pool, name)
         return cls(conn, name, pool)
 
+    @classmethod
+    def find(cls, conn: Connection, name: str) -> "Optional[ClonePool]":
+        """The pool if libvirt has it started, else None: for looking without making anything."""
+        check_safe_name(name)
+        try:
+            pool = conn.call(f"look up pool {name}", conn.raw.storagePoolLookupByName, name)
+        except NotFound:
+            return None
+        if not conn.call(f"check pool {name}", pool.isActive):
+            return None
+        _refresh(conn, pool, name)
+        return cls(conn, name, pool)
+
     @property
     def path(self) -> str:
         return _pool_path(self.conn, self._pool)

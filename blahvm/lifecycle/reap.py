@@ -15,6 +15,7 @@ from typing import Iterable, List, Set
 from blahvm.hypervisor import guests, naming
 from blahvm.hypervisor.connection import Connection
 from blahvm.hypervisor.errors import HypervisorError
+from blahvm.hypervisor.storage import ClonePool
 from blahvm.ledger import Entry, Ledger, LedgerError, State, owner_alive
 from blahvm.lifecycle._common import clone_pool, connect, dismantle, is_run_dir
 from blahvm.lifecycle.results import ReapReport
@@ -33,8 +34,9 @@ def reap(config: SiteConfig, dry_run: bool = False) -> ReapReport:
             live = [entry for entry in ledger.live() if entry.job_id not in closed]
             guests_gone = _orphan_guests(config, conn, live, static_guests(config))
             returned = clean_free_guests(config, conn, live, dry_run)
-            pool = clone_pool(config, conn)
-            volumes = _orphan_volumes((volume.name for volume in pool.list_volumes()), live)
+            # a dry run (also behind `blahvm guests`) only looks: it never makes the pool
+            pool = ClonePool.find(conn, config.hypervisor.pool) if dry_run else clone_pool(config, conn)
+            volumes = _orphan_volumes((volume.name for volume in pool.list_volumes()), live) if pool else []
             run_dirs = _orphan_run_dirs(config, live)
             if not dry_run:
                 for name in guests_gone:
