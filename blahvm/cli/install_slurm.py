@@ -20,13 +20,17 @@ SPANK_SOURCE = os.path.join(PLUGIN_SOURCES, "blahvm_spank.c")
 
 def add_parser(systems) -> None:
     parser = systems.add_parser(
-        "slurm", help="Slurm: Prolog, Epilog, the task wrapper and job_submit.lua",
-        description="Write blahvm's Slurm hooks into DIR with the config path fixed into them, and print the "
-                    "slurm.conf lines that enable them. job_submit.lua must then be copied next to slurm.conf.",
+        "slurm", help="Slurm: Prolog, Epilog, health check, task wrapper, job_submit.lua, SPANK plugin",
+        description="Write blahvm's Slurm hooks into DIR with the config path fixed into them, build the SPANK "
+                    "plugin that runs every srun task in the job's guest (needs a C compiler and Slurm's "
+                    "headers: Debian's gcc and libslurm-dev), and print the slurm.conf lines that enable "
+                    "them and each host's Features= and Gres=. job_submit.lua must then be copied next to "
+                    "slurm.conf.",
     )
     parser.add_argument("--dir", required=True, help="where the hooks go (on every node, e.g. /etc/slurm/blahvm)")
     parser.add_argument("--config", default=None, help="the site config the hooks use (default /etc/blahvm/site.yaml)")
-    parser.add_argument("--slurm-bin", default="/usr/bin", help="where scontrol and scancel are (default /usr/bin)")
+    parser.add_argument("--slurm-bin", default="/usr/bin",
+                        help="where scontrol, scancel and squeue are (default /usr/bin)")
     parser.add_argument("--task-python", default=None,
                         help="the interpreter of the task wrapper, which runs as the job's user: it must be one "
                              "every user can execute (default: the one running this command)")
