@@ -183,6 +183,20 @@ def test_plain_srun_tasks_run_in_the_guest_at_the_same_time(cluster, site):
     _nothing_left(cluster, site)
 
 
+def test_steps_of_one_allocation_share_its_guest(cluster, site):
+    """salloc: the Prolog prepares one guest for the allocation; each srun step runs in it."""
+    boot_id = "/proc/sys/kernel/random/boot_id"  # one per booted kernel: names the guest that answered
+    steps = f"srun cat {boot_id}; srun sh -c 'echo $(cat {boot_id}) step2; exit 6'"
+    result = cluster.run(["salloc", "-N", "1", "sh", "-c", steps], user=USER, timeout=300, cwd=site["work"])
+    assert result.returncode == 6, (result.stdout, result.stderr, _blahvm_log(cluster))
+    first, second = [line for line in result.stdout.splitlines() if line.strip()][:2]
+    assert second == f"{first} step2", result.stdout  # the same guest answered both steps
+    with open(boot_id) as stream:
+        assert first != stream.read().strip()  # and it was not this host
+    _wait_idle(cluster)
+    _nothing_left(cluster, site)
+
+
 def test_srun_through_the_explicit_task_wrapper_is_wrapped_once(cluster, site):
     result = cluster.run(["srun", "-D", site["work"], os.path.join(cluster.hooks, "task"), "--",
                           "sh", "-c", "echo srun in $(uname -r) with $0; exit 4"], user=USER, timeout=240)
