@@ -166,20 +166,28 @@ def _wait_fd(fd, events):
             return ready[0][1]
 
 
+GONE_ERRNOS = (errno.ENOTCONN, errno.ENODEV, errno.EIO)  # what a port or socket says once its peer left
+
+
+def write_some(write, view):
+    """How much ``write(view)`` took (0 if it would block); Disconnected if the peer is gone."""
+    try:
+        return write(view)
+    except BlockingIOError:
+        return 0
+    except (BrokenPipeError, ConnectionResetError):
+        raise Disconnected()
+    except OSError as error:
+        if error.errno in GONE_ERRNOS:
+            raise Disconnected()
+        raise
+
+
 def write_all(fd, data):
     """Write all of ``data`` to a (possibly non-blocking) fd; Disconnected if the peer is gone."""
     view = memoryview(data)
     while view:
-        try:
-            written = os.write(fd, view)
-        except BlockingIOError:
-            written = 0
-        except (BrokenPipeError, ConnectionResetError):
-            raise Disconnected()
-        except OSError as error:
-            if error.errno in (errno.ENOTCONN, errno.ENODEV, errno.EIO):
-                raise Disconnected()
-            raise
+        written = write_some(lambda chunk: os.write(fd, chunk), view)
         if written:
             view = view[written:]
             continue
@@ -249,16 +257,7 @@ class Channel(object):
         view = memoryview(data)
         away_since = None
         while view:
-            try:
-                written = self._write(view)
-            except BlockingIOError:
-                written = 0
-            except (BrokenPipeError, ConnectionResetError):
-                raise Disconnected()
-            except OSError as error:
-                if error.errno in (errno.ENOTCONN, errno.ENODEV, errno.EIO):
-                    raise Disconnected()
-                raise
+            written = write_some(self._write, view)
             if written:
                 view = view[written:]
                 away_since = None
@@ -285,7 +284,7 @@ class Channel(object):
             except (ConnectionResetError, BrokenPipeError):
                 return b""
             except OSError as error:
-                if error.errno in (errno.ENOTCONN, errno.ENODEV, errno.EIO):
+                if error.errno in GONE_ERRNOS:
                     return b""
                 raise
 
