@@ -242,12 +242,12 @@ def test_guest_slots_are_a_gres_so_a_full_host_gets_no_more_jobs(cluster, site):
     """max_guests is 1: the second job waits in the queue for the slot instead of being sent and requeued."""
     out = os.path.join(site["work"], "slot-%j.out")
     ids = []
-    for n in (1, 2):
-        submitted = cluster.run(["sbatch", "--parsable", "-D", site["work"], "-o", out,
+    for n, extra in ((1, []), (2, ["--gres=blahvm:3"])):  # a user's own claim on the slots is replaced
+        submitted = cluster.run(["sbatch", "--parsable", "-D", site["work"], "-o", out, *extra,
                                  "--wrap", f"sleep 4; echo job-{n} done"], user=USER)
         assert submitted.returncode == 0, submitted.stderr
         ids.append(submitted.stdout.strip())
-    assert "gres:blahvm:1" in cluster.job(ids[0]).get("TresPerNode", ""), cluster.job(ids[0])
+    assert [cluster.job(job_id).get("TresPerNode") for job_id in ids] == ["gres:blahvm:1"] * 2
     results = [cluster.wait_job(job_id, states=("COMPLETED", "FAILED", "CANCELLED"), timeout=300) for job_id in ids]
     assert [r["JobState"] for r in results] == ["COMPLETED", "COMPLETED"], results
     assert [r.get("Restarts") for r in results] == ["0", "0"], results  # nobody was sent to a full host
