@@ -174,8 +174,14 @@ def test_plain_srun_tasks_run_in_the_guest_at_the_same_time(cluster, site):
     meet = ("touch task$SLURM_PROCID; n=0; while [ ! -e task$((1 - SLURM_PROCID)) ]; do "
             "n=$((n + 1)); [ $n -lt 600 ] || exit 9; sleep 0.1; done; "
             "echo task$SLURM_PROCID in $(uname -r); exit 3")
-    result = cluster.run(["srun", "-n", "2", "-D", site["work"], "sh", "-c", meet], user=USER, timeout=300)
+    prolog = os.path.join(site["work"], "task-prolog.sh")  # a user's own --task-prolog never runs on the host
+    with open(prolog, "w") as stream:
+        stream.write(f"#!/bin/sh\ntouch {site['work']}/task-prolog-ran\n")
+    os.chmod(prolog, 0o755)
+    result = cluster.run(["srun", "-n", "2", "-D", site["work"], f"--task-prolog={prolog}", "sh", "-c", meet],
+                         user=USER, timeout=300)
     assert result.returncode == 3, (result.stdout, result.stderr, _blahvm_log(cluster))
+    assert not os.path.exists(os.path.join(site["work"], "task-prolog-ran"))
     lines = sorted(line for line in result.stdout.splitlines() if line.startswith("task"))
     assert [line.split()[0] for line in lines] == ["task0", "task1"], result.stdout
     assert all(os.uname().release not in line for line in lines), lines  # the guest's kernel, not ours
