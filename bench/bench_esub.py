@@ -21,6 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from tests.lsf_harness import write_site  # noqa: E402
 from tests.test_lsf import REAL_SUBMIT, SITE  # noqa: E402  (the test site and a real parameter file)
 
 
@@ -53,11 +54,7 @@ def measure(runs: int = 100, python: str = sys.executable):
     """Median seconds of (python -c pass, python -IS -c pass, the installed esub), measured alternately."""
     directory = tempfile.mkdtemp(prefix="blahvm-bench-esub-", dir="/var/tmp")
     try:
-        config = os.path.join(directory, "site.yaml")
-        with open(config, "w") as stream:
-            stream.write(SITE.format(d=directory))
-        serverdir = os.path.join(directory, "serverdir")
-        os.mkdir(serverdir)
+        config, serverdir = write_site(directory, SITE.format(d=directory))
         subprocess.run([sys.executable, "-m", "blahvm.cli.main", "install", "lsf", "--serverdir", serverdir,
                         "--config", config, "--cache-dir", os.path.join(directory, "cache"), "--python", python],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -197,18 +197,11 @@ def peak_kib(out: str) -> int:
 def hook_rss(rows: Rows, demo) -> None:
     rows.section("peak RSS of each hook (LSF hooks, run as LSF runs them)")
     from tests import lsf_harness as lsf
-    from tests.test_lsf_guest import SITE
 
     directory = tempfile.mkdtemp(prefix="blahvm-bench-rss-", dir="/var/tmp")
     os.chmod(directory, 0o755)
     pool = f"blahvm-bench-rss-{uuid.uuid4().hex[:6]}"
-    environment = "".join(f"  {line}\n" for line in demo.environment_yaml("slc4").splitlines())
-    config = os.path.join(directory, "site.yaml")
-    with open(config, "w") as stream:
-        stream.write(SITE.format(d=directory, pool=pool, environments=environment.rstrip("\n")))
-    os.chmod(config, 0o644)
-    serverdir = os.path.join(directory, "serverdir")
-    os.mkdir(serverdir, 0o755)
+    config, serverdir = lsf.write_guest_site(directory, pool, demo)
     job_id = str(80000 + os.getpid() % 10000)
     env = None
     try:

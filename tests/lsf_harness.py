@@ -21,7 +21,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import attrs
 
@@ -29,6 +29,42 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYSTEM_PYTHON = "/usr/bin/python3"  # the venv's interpreter lives under /root, which nobody cannot reach
 LSF_PATH = "/bin:/usr/bin:/sbin:/usr/sbin"
 ABORT = 97
+
+
+GUEST_SITE = """\
+hypervisor: {{uri: "qemu:///system", pool: {pool}, pool_path: {d}/clones, domain_type: qemu}}
+host: {{max_guests: 2, memory: 2GiB, vcpus: 2, state_dir: {d}/state, run_dir: {d}/run, log_file: {d}/blahvm.log}}
+defaults: {{walltime: 1h, cores: 1}}
+vo_mapping:
+  - {{account: "^(?P<vo>cms|atlas)$"}}
+environments:
+{environments}
+queues:
+  grid: {{}}
+  short: {{max_walltime: 10h}}
+routes:
+  - {{name: cms-short, when: {{queue: grid, vo: cms, walltime: "<= 10h"}}, queue: short, environment: slc4}}
+  - {{name: nobody-else, reject: "no execution environment is offered to this VO"}}
+"""
+
+
+def write_site(directory: str, text: str) -> Tuple[str, str]:
+    """The site config ``text`` as ``directory``/site.yaml and an empty LSF_SERVERDIR beside it, both
+    readable by the job user: (config path, serverdir)."""
+    config = os.path.join(directory, "site.yaml")
+    with open(config, "w") as stream:
+        stream.write(text)
+    os.chmod(config, 0o644)
+    serverdir = os.path.join(directory, "serverdir")
+    os.mkdir(serverdir, 0o755)
+    return config, serverdir
+
+
+def write_guest_site(directory: str, pool: str, demo) -> Tuple[str, str]:
+    """``write_site`` with GUEST_SITE: cms jobs of queue grid go to the demo image (environment slc4,
+    queue short)."""
+    environment = "".join(f"  {line}\n" for line in demo.environment_yaml("slc4").splitlines())
+    return write_site(directory, GUEST_SITE.format(d=directory, pool=pool, environments=environment.rstrip("\n")))
 
 
 def install(serverdir: str, config: str, cache_dir: str, *options: str) -> subprocess.CompletedProcess:

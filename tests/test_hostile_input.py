@@ -87,12 +87,7 @@ routes:
 def lsf_site():
     directory = tempfile.mkdtemp(prefix="blahvm-hostile-lsf-", dir="/var/tmp")
     os.chmod(directory, 0o755)
-    config = os.path.join(directory, "site.yaml")
-    with open(config, "w") as stream:
-        stream.write(LSF_SITE.format(d=directory))
-    os.chmod(config, 0o644)
-    serverdir = os.path.join(directory, "serverdir")
-    os.mkdir(serverdir, 0o755)
+    config, serverdir = lsf.write_site(directory, LSF_SITE.format(d=directory))
     done = lsf.install(serverdir, config, os.path.join(directory, "cache"))
     assert done.returncode == 0, done.stderr
     yield serverdir

@@ -66,12 +66,7 @@ def site():
     """An installed site: config, route cache and LSF_SERVERDIR, all readable by nobody."""
     directory = tempfile.mkdtemp(prefix="blahvm-lsf-", dir="/var/tmp")
     os.chmod(directory, 0o755)
-    config = os.path.join(directory, "site.yaml")
-    with open(config, "w") as stream:
-        stream.write(SITE.format(d=directory))
-    os.chmod(config, 0o644)
-    serverdir = os.path.join(directory, "serverdir")
-    os.mkdir(serverdir, 0o755)
+    config, serverdir = lsf.write_site(directory, SITE.format(d=directory))
     cache = os.path.join(directory, "cache")
     result = lsf.install(serverdir, config, cache)
     assert result.returncode == 0, result.stderr

@@ -17,21 +17,6 @@ from tests import lsf_harness as lsf
 
 pytestmark = pytest.mark.guest
 
-SITE = """\
-hypervisor: {{uri: "qemu:///system", pool: {pool}, pool_path: {d}/clones, domain_type: qemu}}
-host: {{max_guests: 2, memory: 2GiB, vcpus: 2, state_dir: {d}/state, run_dir: {d}/run, log_file: {d}/blahvm.log}}
-defaults: {{walltime: 1h, cores: 1}}
-vo_mapping:
-  - {{account: "^(?P<vo>cms|atlas)$"}}
-environments:
-{environments}
-queues:
-  grid: {{}}
-  short: {{max_walltime: 10h}}
-routes:
-  - {{name: cms-short, when: {{queue: grid, vo: cms, walltime: "<= 10h"}}, queue: short, environment: slc4}}
-  - {{name: nobody-else, reject: "no execution environment is offered to this VO"}}
-"""
 
 
 def virsh(*args):
@@ -43,13 +28,7 @@ def site(demo_image):
     directory = tempfile.mkdtemp(prefix="blahvm-lsf-guest-", dir="/var/tmp")
     os.chmod(directory, 0o755)
     pool = f"blahvm-test-lsf-{os.getpid()}"
-    environment = "".join(f"  {line}\n" for line in demo_image.environment_yaml("slc4").splitlines())
-    config = os.path.join(directory, "site.yaml")
-    with open(config, "w") as stream:
-        stream.write(SITE.format(d=directory, pool=pool, environments=environment.rstrip("\n")))
-    os.chmod(config, 0o644)
-    serverdir = os.path.join(directory, "serverdir")
-    os.mkdir(serverdir, 0o755)
+    config, serverdir = lsf.write_guest_site(directory, pool, demo_image)
     result = lsf.install(serverdir, config, os.path.join(directory, "cache"))
     assert result.returncode == 0, result.stderr
     yield {"dir": directory, "serverdir": serverdir, "pool": pool}
