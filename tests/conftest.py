@@ -1,5 +1,6 @@
 """Shared fixtures. With BLAHVM_STRICT=1 (scripts/test, CI) a skipped test fails: every test must run."""
 
+import hashlib
 import os
 
 import pytest
@@ -14,3 +15,20 @@ def pytest_runtest_makereport(item, call):
     if os.environ.get("BLAHVM_STRICT") and report.skipped:
         report.outcome = "failed"
         report.longrepr = f"skipped under BLAHVM_STRICT=1: {report.longrepr}"
+
+
+@pytest.fixture
+def keep_driver():
+    """test:///default lives as long as one connection to it: hold one across the calls under test."""
+    from blahvm.hypervisor.connection import open_connection
+
+    with open_connection("test:///default", timeout=10) as conn:
+        yield conn
+
+
+@pytest.fixture
+def golden(tmp_path):
+    """A 1 MiB raw golden image and its sha256, for the test:///default driver (which never reads it)."""
+    path = tmp_path / "golden.raw"
+    path.write_bytes(b"\0" * 2**20)
+    return str(path), hashlib.sha256(path.read_bytes()).hexdigest()

@@ -62,16 +62,6 @@ def test_the_worked_example_is_plain_python_that_imports_nothing_internal():
 
 
 @pytest.fixture
-def keep_driver():
-    """test:///default lives as long as one connection to it: hold one across the calls under test."""
-    pytest.importorskip("libvirt")
-    from blahvm.hypervisor.connection import open_connection
-
-    with open_connection(TEST_URI, timeout=10) as conn:
-        yield conn
-
-
-@pytest.fixture
 def site(tmp_path):
     image = tmp_path / "golden.raw"
     image.write_bytes(b"\0" * MiB)

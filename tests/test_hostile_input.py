@@ -9,12 +9,10 @@ fuzzed values, and the canary file must never appear.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import tempfile

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import subprocess
@@ -36,20 +35,6 @@ POOL_PATH = "/var/lib/blahvm/test-clones"  # the test driver keeps pools in memo
 
 
 # -- test:///default ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def keep_driver():
-    """test:///default lives as long as one connection to it: hold one across the calls under test."""
-    with open_connection(TEST_URI, timeout=10) as conn:
-        yield conn
-
-
-@pytest.fixture
-def golden(tmp_path):
-    path = tmp_path / "golden.raw"
-    path.write_bytes(b"\0" * MiB)
-    return str(path), hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def make_config(tmp_path, golden, uri=TEST_URI, pool_path=POOL_PATH, pool="blahvm", domain_type="qemu", **host):

@@ -16,7 +16,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -228,20 +227,6 @@ def kill_after(params: dict, step: str, job_id: str, delay: float) -> None:
 
 
 # -- a. concurrent prepares never over-commit --------------------------------------------------
-
-
-@pytest.fixture
-def keep_driver():
-    """test:///default lives as long as one connection to it: hold one across the calls under test."""
-    with open_connection(TEST_URI, timeout=10) as conn:
-        yield conn
-
-
-@pytest.fixture
-def golden(tmp_path):
-    path = tmp_path / "golden.raw"
-    path.write_bytes(b"\0" * MiB)
-    return str(path), hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def assert_exactly_two_ok(results: dict) -> None:
