@@ -41,7 +41,8 @@ def test_the_spank_plugin_is_built_for_this_slurm_and_wired_to_the_task_wrapper(
     assert (ctypes.c_char * 7).in_dll(plugin, "plugin_name").value == b"blahvm"
     assert hasattr(plugin, "slurm_spank_task_init") and hasattr(plugin, "slurm_spank_init")
     lua = (hooks / "job_submit.lua").read_text()
-    assert "@" not in lua.replace("@ROUTE@", "").replace("@TASK@", "") and f'"{hooks}/task"' in lua
+    assert "@ROUTE@" not in lua and "@TASK@" not in lua
+    assert f'local ROUTE = "{hooks}/route"' in lua and f'local TASK = "{hooks}/task"' in lua
 
 
 def test_without_the_spank_plugin_it_says_how_srun_reaches_the_guest(tmp_path):

@@ -179,15 +179,21 @@ def route_main(config: str, argv: "Optional[List[str]]" = None, cache_dir: "Opti
 # -- execution host -------------------------------------------------------------------------------
 
 
+def _slurm_output(slurm_bin: str, *args: str) -> str:
+    """A Slurm command's stdout (hooks have no PATH); OSError with its complaint when it fails."""
+    done = subprocess.run([os.path.join(slurm_bin, args[0]), *args[1:]], capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise OSError(" ".join((done.stderr or done.stdout or f"exit {done.returncode}").split()))
+    return done.stdout
+
+
 def _scontrol(slurm_bin: str, *args: str) -> "Optional[str]":
-    """Run a Slurm command (the Prolog has no PATH); None on success, else its complaint."""
+    """Run a Slurm command; None on success, else its complaint."""
     try:
-        done = subprocess.run([os.path.join(slurm_bin, args[0]), *args[1:]], capture_output=True, text=True,
-                              timeout=60, stdin=subprocess.DEVNULL)
+        _slurm_output(slurm_bin, *args)
     except (OSError, subprocess.TimeoutExpired) as error:
         return str(error)
-    if done.returncode != 0:
-        return " ".join((done.stderr or done.stdout or f"exit {done.returncode}").split())
     return None
 
 
@@ -378,14 +384,6 @@ def parse_node(text: str) -> "Dict[str, str]":
     if reason:
         fields["Reason"] = reason.rsplit(" [", 1)[0] if reason.endswith("]") else reason
     return {key: fields[key] for key in ("State", "Reason", "Gres") if key in fields}
-
-
-def _slurm_output(slurm_bin: str, *args: str) -> str:
-    done = subprocess.run([os.path.join(slurm_bin, args[0]), *args[1:]], capture_output=True, text=True,
-                          timeout=60, stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        raise OSError(" ".join((done.stderr or f"{args[0]} exit {done.returncode}").split()))
-    return done.stdout
 
 
 def _host_problem(site) -> "Optional[str]":
