@@ -26,8 +26,6 @@ from blahvm.lifecycle import prepare, teardown
 from blahvm.model import Job, Outcome
 from tests.test_lifecycle import (
     assert_nothing_left,
-    golden,  # noqa: F401  (fixture)
-    keep_driver,  # noqa: F401  (fixture)
     make_config,
     make_job,
     real_job,
