@@ -100,6 +100,7 @@ class Environment:
     clone: str = "overlay"  # one of CLONE_METHODS
     scratch: Optional[Size] = None  # an extra empty disk of this size per job
     guests: Tuple[str, ...] = ()  # static environment: pre-defined guests to lease
+    allow_root: bool = False  # the payload may ask to run as root in its guest (docs/security.md)
 
 
 @attrs.frozen

@@ -92,6 +92,13 @@ def read_positive_int(problems: Problems, path: Path, value: Any) -> Any:
     return value
 
 
+def read_bool(problems: Problems, path: Path, value: Any) -> Any:
+    if not isinstance(value, bool):
+        problems.add(path, f"expected true or false, got {_kind(value)}")
+        return INVALID
+    return value
+
+
 def _quantity_text(problems: Problems, path: Path, value: Any) -> Any:
     # the text as written wins over YAML 1.1's reading of it (10:00:00 is a clock, not 36000)
     text = problems.text(path)
@@ -242,6 +249,7 @@ ENVIRONMENT_FIELDS = {
     "clone": read_choice(*CLONE_METHODS),
     "scratch": read_positive_size,
     "guests": read_list_of(read_name),
+    "allow_root": read_bool,
 }
 
 QUEUE_FIELDS = {
