@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import pathlib
+import pwd
 import re
 import shutil
+import signal
 import struct
 import subprocess
+import tempfile
 
 import pytest
 from hypothesis import given, settings
@@ -25,6 +30,7 @@ from blahvm.hypervisor.images import (
     verify_image,
 )
 from blahvm.model import Outcome
+from tests.as_user import run_as, write_at
 
 QEMU_IMG = shutil.which("qemu-img")
 needs_qemu_img = pytest.mark.skipif(QEMU_IMG is None, reason="qemu-img is not installed")
@@ -125,7 +131,7 @@ def test_missing_image_is_a_host_problem(tmp_path):
 
 
 def test_a_directory_is_not_an_image(tmp_path):
-    with pytest.raises(ImageError, match="cannot be read: Is a directory"):
+    with pytest.raises(ImageError, match="is not a regular file"):
         inspect_image("slc4", str(tmp_path))
     with pytest.raises(ImageError, match="/dev/null is not a regular file"):
         inspect_image("slc4", "/dev/null")
@@ -159,6 +165,169 @@ def test_images_made_by_qemu_img(tmp_path):
     raw = str(tmp_path / "disk.raw")
     qemu_img("create", "-f", "raw", raw, "10M")
     assert inspect_image("raw", raw).format == "raw"
+
+
+# -- where a golden may live: root's alone -------------------------------------------------------
+
+NOBODY = pwd.getpwnam("nobody")
+
+
+@contextlib.contextmanager
+def bounded(seconds=30):
+    """Turn a hang (e.g. opening a FIFO that has no writer) into a failure instead of a stuck suite."""
+
+    def expire(signum, frame):
+        raise TimeoutError("the check hung")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _world_writable_directory(d):
+    (d / "images").mkdir()
+    path = write(d / "images" / "g.raw", GOOD)
+    os.chmod(d / "images", 0o777)
+    return path, "directory {d}/images is writable by group or others (mode 777)"
+
+
+def _world_writable_ancestor(d):
+    (d / "a" / "b").mkdir(parents=True)
+    path = write(d / "a" / "b" / "g.raw", GOOD)
+    os.chmod(d / "a", 0o757)
+    return path, "directory {d}/a is writable by group or others (mode 757)"
+
+
+def _group_writable_directory(d):
+    (d / "images").mkdir()
+    path = write(d / "images" / "g.raw", GOOD)
+    os.chmod(d / "images", 0o775)
+    return path, "directory {d}/images is writable by group or others (mode 775)"
+
+
+def _directory_of_a_user(d):
+    (d / "images").mkdir()
+    path = write(d / "images" / "g.raw", GOOD)
+    os.chown(d / "images", NOBODY.pw_uid, NOBODY.pw_gid)
+    return path, f"directory {{d}}/images is owned by uid {NOBODY.pw_uid}, not root"
+
+
+def _world_writable_image(d):
+    path = write(d / "g.raw", GOOD)
+    os.chmod(path, 0o666)
+    return path, "it is writable by group or others (mode 666)"
+
+
+def _group_writable_image(d):
+    path = write(d / "g.raw", GOOD)
+    os.chmod(path, 0o664)
+    return path, "it is writable by group or others (mode 664)"
+
+
+def _image_of_a_user(d):
+    path = write(d / "g.raw", GOOD)
+    os.chown(path, NOBODY.pw_uid, NOBODY.pw_gid)
+    os.chmod(path, 0o444)
+    return path, f"it is owned by uid {NOBODY.pw_uid}, not root"
+
+
+def _image_of_the_qemu_user(d):  # what libvirt left behind before it was told not to relabel goldens
+    path = write(d / "g.raw", GOOD)
+    os.chown(path, pwd.getpwnam("libvirt-qemu").pw_uid, 0)
+    return path, f"it is owned by uid {pwd.getpwnam('libvirt-qemu').pw_uid}, not root"
+
+
+def _symlink_to_shadow(d):
+    os.symlink("/etc/shadow", d / "g.raw")
+    return str(d / "g.raw"), "it is a symbolic link: name the file itself"
+
+
+def _symlinked_directory_of_a_user(d):
+    (d / "real").mkdir()
+    write(d / "real" / "g.raw", GOOD)
+    os.symlink("real", d / "link")
+    os.lchown(d / "link", NOBODY.pw_uid, NOBODY.pw_gid)
+    return str(d / "link" / "g.raw"), f"symbolic link {{d}}/link is owned by uid {NOBODY.pw_uid}, not root"
+
+
+def _fifo(d):
+    os.mkfifo(d / "g.raw", 0o644)
+    return str(d / "g.raw"), "is not a regular file"
+
+
+def _device(d):
+    return "/dev/zero", "is not a regular file"
+
+
+UNSAFE_PLACES = [
+    _world_writable_directory,
+    _world_writable_ancestor,
+    _group_writable_directory,
+    _directory_of_a_user,
+    _world_writable_image,
+    _group_writable_image,
+    _image_of_a_user,
+    _image_of_the_qemu_user,
+    _symlink_to_shadow,
+    _symlinked_directory_of_a_user,
+    _fifo,
+    _device,
+]
+
+
+@pytest.mark.parametrize("place", UNSAFE_PLACES, ids=lambda place: place.__name__.strip("_"))
+def test_a_golden_others_could_change_is_refused_in_one_line(tmp_path, place):
+    path, problem = place(tmp_path)
+    shadow = os.stat("/etc/shadow")
+    for check in (lambda: inspect_image("slc4", path), lambda: verify_image("slc4", path, sha256_of(GOOD),
+                                                                            str(tmp_path / "state"))):
+        with bounded(), pytest.raises(ImageError) as caught:
+            check()
+        message = str(caught.value)
+        assert message.startswith(f"image slc4 at {path} ") and problem.format(d=tmp_path) in message, message
+        assert "\n" not in message
+        assert caught.value.outcome is Outcome.FAIL_JOB
+    after = os.stat("/etc/shadow")
+    assert (after.st_uid, after.st_gid, after.st_mode) == (shadow.st_uid, shadow.st_gid, shadow.st_mode)
+
+
+def test_root_only_places_are_accepted(tmp_path):
+    """Read-only for all, or 0644; a root-owned symlinked directory; a sticky directory like /tmp."""
+    (tmp_path / "real").mkdir()
+    readonly = write(tmp_path / "real" / "ro.raw", GOOD)
+    os.chmod(readonly, 0o444)
+    os.symlink("real", tmp_path / "link")
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    in_sticky = write(sticky / "g.raw", GOOD)
+    for path in (readonly, str(tmp_path / "link" / "ro.raw"), in_sticky):
+        assert verify_image("slc4", path, sha256_of(GOOD), str(tmp_path / "state")).format == "raw"
+
+
+@pytest.fixture
+def reachable_dir():
+    """A root-owned 0755 directory every parent of which QEMU's user can search (pytest's are 0700)."""
+    directory = tempfile.mkdtemp(prefix="blahvm-test-", dir="/var/tmp")
+    os.chmod(directory, 0o755)
+    try:
+        yield pathlib.Path(directory)
+    finally:
+        shutil.rmtree(directory)
+
+
+def test_a_golden_is_not_writable_by_the_qemu_user(reachable_dir, tmp_path):
+    """Playing libvirt-qemu: a golden that passes the checks cannot be written, nor made writable."""
+    path = write(reachable_dir / "g.raw", GOOD)
+    verify_image("slc4", path, sha256_of(GOOD), str(tmp_path / "state"))
+    assert run_as("libvirt-qemu", write_at(path, 4096, b"EVILEVIL")) == "PermissionError"
+    assert run_as("libvirt-qemu", lambda: os.chmod(path, 0o666) or "chmodded") == "PermissionError"
+    assert run_as("libvirt-qemu", lambda: str(len(open(path, "rb").read()))) == str(len(GOOD))  # but reads it
+    assert sha256_of(pathlib.Path(path).read_bytes()) == sha256_of(GOOD)
 
 
 # -- checksums -----------------------------------------------------------------------------------
@@ -200,7 +369,9 @@ def test_checksum_is_remembered_by_file_identity(tmp_path):
     entries = json.loads((state / CACHE_FILE).read_text())
     status = os.stat(path)
     key = f"{status.st_dev}:{status.st_ino}"
-    assert entries[key] == {"size": len(GOOD), "mtime_ns": status.st_mtime_ns, "sha256": digest}
+    assert entries[key] == {
+        "size": len(GOOD), "mtime_ns": status.st_mtime_ns, "ctime_ns": status.st_ctime_ns, "sha256": digest
+    }
 
     # The cache, not the file, answers while the identity holds: plant a different digest.
     entries[key]["sha256"] = "f" * 64
@@ -211,6 +382,23 @@ def test_checksum_is_remembered_by_file_identity(tmp_path):
     # A changed file (new mtime) is hashed again.
     os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns + 1))
     assert verify_image("slc4", path, digest, str(state)).format == "raw"
+
+
+def test_content_changed_with_the_mtime_put_back_is_hashed_again(tmp_path):
+    """What a writer of the golden did (issue 12): same size, mtime restored. ctime gives it away."""
+    path = write(tmp_path / "slc4.raw", GOOD)
+    state = str(tmp_path / "state")
+    verify_image("slc4", path, sha256_of(GOOD), state)
+    before = os.stat(path)
+    with open(path, "r+b") as image:
+        image.seek(4096)
+        image.write(b"EVILEVIL")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    with pytest.raises(ImageError, match="failed its sha256 check") as caught:
+        verify_image("slc4", path, sha256_of(GOOD), state)
+    assert caught.value.outcome is Outcome.FAIL_JOB
 
 
 def test_a_tampered_image_with_the_same_size_fails(tmp_path):

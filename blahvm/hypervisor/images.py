@@ -5,13 +5,22 @@ URIs) and so reads host files on an untrusted image's say (OpenStack bug 2059809
 qcow2 header itself and refuses any golden that names a backing file or an external data file, is
 encrypted, damaged or uses unknown incompatible features. Raw and qcow2 are accepted.
 
-The sha256 is checked on first use and remembered per file identity (device, inode, size, mtime_ns)
-in ``<state_dir>/image-checksums.json``, so jobs do not re-hash gigabytes. ctime is left out on
-purpose: libvirt chowns an image when a guest first starts on it, which changes ctime only.
+A golden must be root's alone: a regular file (never a symlink: it is opened with O_NOFOLLOW, and
+with O_NONBLOCK so a FIFO cannot hang the check), owned by root, not writable by group or others,
+in directories only root can change (``blahvm.trust``). The checks, the header and the hash all
+read the one file descriptor that was opened, so nothing can be swapped in between.
+
+The sha256 is checked on first use and remembered per file identity (device, inode, size, mtime_ns,
+ctime_ns) in ``<state_dir>/image-checksums.json``, so jobs do not re-hash gigabytes. ctime is in the
+key because nobody can set it: whoever could write the file could restore its mtime after changing
+it, but any write moves ctime. (libvirt no longer chowns goldens, which would move it too: the
+domain XML names the golden as a backing store with ``relabel='no'``, see ``domain``.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -19,11 +28,12 @@ import os
 import stat
 import struct
 import tempfile
-from typing import Optional, Tuple
+from typing import BinaryIO, Iterator, Optional, Tuple
 
 import attrs
 
 from blahvm.hypervisor.errors import ImageError, ImageMissing
+from blahvm.trust import directory_problem, status_problem
 
 QCOW2_MAGIC = b"QFI\xfb"
 EXT_END = 0x00000000
@@ -140,20 +150,56 @@ def qcow2_problem(header: Qcow2Header, backing_name: str = "") -> Optional[str]:
 
 
 def inspect_image(name: str, path: str) -> ImageInfo:
-    """Check the golden's header (never its backing chain: it must have none) and describe it."""
+    """Check the golden's place, owner and mode, then its header (never its backing chain: it must
+    have none), and describe it."""
+    with open_golden(name, path) as image, _read_errors(name, path):
+        return _inspect_open(name, path, image)
+
+
+_KEEP_GOLDENS = "keep a golden root's, mode 0444 or 0644, in directories only root can write (docs/images.md)"
+
+
+@contextlib.contextmanager
+def open_golden(name: str, path: str) -> Iterator[BinaryIO]:
+    """The golden, open for reading, once it and every directory on its way are root's alone."""
     try:
-        with open(path, "rb") as image:
-            return _inspect_open(name, path, image)
-    except FileNotFoundError:
+        problem = directory_problem(os.path.dirname(path) or ".")
+        if problem is not None:
+            raise ImageError(f"image {name} at {path} is refused: {problem}: {_KEEP_GOLDENS}")
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below like any non-file.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
         raise ImageMissing(f"image {name} is missing on this host: expected it at {path}") from None
     except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise ImageError(f"image {name} at {path} is refused: it is a symbolic link: name the file itself "
+                             "in the site config") from None
         raise ImageError(f"image {name} at {path} cannot be read: {error.strerror}") from None
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise ImageError(f"image {name} at {path} is not a regular file")
+        problem = status_problem(status)
+        if problem is not None:
+            raise ImageError(f"image {name} at {path} is refused: it {problem}: {_KEEP_GOLDENS}")
+        image = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with image:
+        yield image
 
 
-def _inspect_open(name: str, path: str, image) -> ImageInfo:
+@contextlib.contextmanager
+def _read_errors(name: str, path: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as error:
+        raise ImageError(f"image {name} at {path} cannot be read: {error.strerror or error}") from None
+
+
+def _inspect_open(name: str, path: str, image: BinaryIO) -> ImageInfo:
     status = os.fstat(image.fileno())
-    if not stat.S_ISREG(status.st_mode):
-        raise ImageError(f"image {name} at {path} is not a regular file")
     start = image.read(104)
     if start[:4] != QCOW2_MAGIC:
         return _raw_info(name, path, start, image, status.st_size)
@@ -192,14 +238,17 @@ def _raw_info(name: str, path: str, start: bytes, image, size: int) -> ImageInfo
 
 
 def verify_image(name: str, path: str, sha256: Optional[str], state_dir: str) -> ImageInfo:
-    """``inspect_image``, then the sha256 (if the environment gives one), remembered per file."""
-    info = inspect_image(name, path)
-    if sha256 is None:
-        return info
-    expected = sha256.strip().lower()
-    if len(expected) != 64 or not set(expected) <= set("0123456789abcdef"):
-        raise ImageError(f"image {name}: the configured sha256 {sha256!r} is not 64 hex digits")
-    with open(path, "rb") as image:
+    """``inspect_image``, then the sha256 (if the environment gives one) of the same open file,
+    remembered per file identity."""
+    expected = None
+    if sha256 is not None:
+        expected = sha256.strip().lower()
+        if len(expected) != 64 or not set(expected) <= set("0123456789abcdef"):
+            raise ImageError(f"image {name}: the configured sha256 {sha256!r} is not 64 hex digits")
+    with open_golden(name, path) as image, _read_errors(name, path):
+        info = _inspect_open(name, path, image)
+        if expected is None:
+            return info
         key, identity = _identity(image)
         actual = _cached(state_dir, key, identity)
         if actual is None:
@@ -219,9 +268,14 @@ def verify_image(name: str, path: str, sha256: Optional[str], state_dir: str) ->
     return info
 
 
-def _identity(image) -> Tuple[str, dict]:
+def _identity(image: BinaryIO) -> Tuple[str, dict]:
     status = os.fstat(image.fileno())
-    return f"{status.st_dev}:{status.st_ino}", {"size": status.st_size, "mtime_ns": status.st_mtime_ns}
+    # ctime_ns: a writer can put the mtime back, never the ctime.
+    return f"{status.st_dev}:{status.st_ino}", {
+        "size": status.st_size,
+        "mtime_ns": status.st_mtime_ns,
+        "ctime_ns": status.st_ctime_ns,
+    }
 
 
 def _hash(image) -> str:
