@@ -12,6 +12,9 @@ Sizes (whole bytes):
   decimal: ``kB MB GB TB``; bare number or ``B``: bytes.
   Unit letters are case-insensitive (``2gib`` == ``2GiB``).
   A fraction is allowed when it comes out whole: ``1.5GiB``, but not ``1.5B``.
+
+Both stay below 2**63 (``MAX``), so every value fits the 64-bit integers of SQLite and libvirt, and a
+number is at most ``MAX_DIGITS`` characters long: what is parsed is bounded before ``int()`` sees it.
 """
 
 from __future__ import annotations
@@ -27,20 +30,59 @@ for _i, _p in enumerate("kmgt", start=1):
 
 _DIGITS = frozenset("0123456789")
 
+MAX = 2**63 - 1  # the largest Duration or Size: a signed 64-bit integer
+MAX_DIGITS = 40  # longer than any useful number (19 digits and a fraction); int() refuses past 4300
+
 
 class QuantityError(ValueError):
     """A duration or size that cannot be read; the message says what is expected."""
+
+
+class QuantityTooLarge(QuantityError):
+    """A number past ``MAX`` or ``MAX_DIGITS`` (a caller with a tighter bound may say so instead)."""
+
+
+def shown(original: object) -> str:
+    """The offending value in a message, cut short so that the message stays one short line."""
+    if isinstance(original, int) and not isinstance(original, bool) and abs(original) > 10**MAX_DIGITS:
+        return f"a number of more than {MAX_DIGITS} digits"  # repr() of a huge int may even raise
+    if not isinstance(original, str) or len(original) <= MAX_DIGITS:
+        return repr(original)
+    return f"{original[:MAX_DIGITS]!r}... ({len(original)} characters)"
+
+
+def _bounded(value: int, what: str, original: object) -> int:
+    if value > MAX:
+        unit = {"duration": " seconds", "size": " bytes"}.get(what, "")
+        raise QuantityTooLarge(f"{what} {shown(original)} is too large (at most {MAX}{unit})")
+    return value
+
+
+def _whole(text: str, what: str, original: object) -> int:
+    """ASCII digits as an int, refusing a number too long to mean anything."""
+    if len(text) > MAX_DIGITS:
+        raise QuantityTooLarge(f"{what} {shown(original)}: a number of more than {MAX_DIGITS} digits")
+    return int(text)
+
+
+def parse_count(text: str, what: str = "cores") -> int:
+    """A whole number of at least 1 written in ASCII digits (``'4'``), e.g. a job's cores."""
+    if not isinstance(text, str) or not text or not set(text) <= _DIGITS or _whole(text, what, text) < 1:
+        raise QuantityError(f"{what} {shown(text)}: expected a whole number of at least 1")
+    return _bounded(int(text), what, text)
 
 
 def _parse_decimal(text: str, multiplier: int, what: str, original: str) -> int:
     """``'1.5'`` × multiplier, exactly, or an error if it is not a whole number."""
     whole, dot, frac = text.partition(".")
     if not whole and not frac or not set(whole + frac) <= _DIGITS or (dot and not frac):
-        raise QuantityError(f"{what} {original!r}: {text!r} is not a number")
+        raise QuantityError(f"{what} {shown(original)}: {shown(text)} is not a number")
+    if len(text) > MAX_DIGITS:
+        raise QuantityTooLarge(f"{what} {shown(original)}: a number of more than {MAX_DIGITS} digits")
     numerator = int(whole or "0") * 10 ** len(frac) + int(frac or "0")
     value, remainder = divmod(numerator * multiplier, 10 ** len(frac))
     if remainder:
-        raise QuantityError(f"{what} {original!r} is not a whole number of {_unit_name(what)}")
+        raise QuantityError(f"{what} {shown(original)} is not a whole number of {_unit_name(what)}")
     return value
 
 
@@ -56,21 +98,23 @@ class Duration(int):
     @classmethod
     def parse(cls, value: object) -> "Duration":
         if isinstance(value, bool):
-            raise QuantityError(f"duration {value!r}: expected e.g. 90m, 10h, 2d or HH:MM:SS")
+            raise QuantityError(f"duration {shown(value)}: expected e.g. 90m, 10h, 2d or HH:MM:SS")
         if isinstance(value, int):
             if value < 0:
-                raise QuantityError(f"duration {value!r} is negative")
-            return cls(value)
+                raise QuantityError(f"duration {shown(value)} is negative")
+            return cls(_bounded(value, "duration", value))
         if not isinstance(value, str):
-            raise QuantityError(f"duration {value!r}: expected e.g. 90m, 10h, 2d or HH:MM:SS")
+            raise QuantityError(f"duration {shown(value)}: expected e.g. 90m, 10h, 2d or HH:MM:SS")
         text = value.strip().lower()
         if not text:
             raise QuantityError("duration '': expected e.g. 90m, 10h, 2d or HH:MM:SS")
         if ":" in text:
-            return cls(_parse_clock(text, value))
-        if set(text) <= _DIGITS:
-            return cls(int(text))
-        return cls(_parse_compound(text, value))
+            seconds = _parse_clock(text, value)
+        elif set(text) <= _DIGITS:
+            seconds = _whole(text, "duration", value)
+        else:
+            seconds = _parse_compound(text, value)
+        return cls(_bounded(seconds, "duration", value))
 
     def __str__(self) -> str:
         seconds = int(self)
@@ -94,10 +138,10 @@ class Duration(int):
 def _parse_clock(text: str, original: str) -> int:
     fields = text.split(":")
     if len(fields) > 3 or not all(f and set(f) <= _DIGITS for f in fields):
-        raise QuantityError(f"duration {original!r}: expected [[HH:]MM:]SS")
+        raise QuantityError(f"duration {shown(original)}: expected [[HH:]MM:]SS")
     total = 0
     for field in fields:
-        total = total * 60 + int(field)
+        total = total * 60 + _whole(field, "duration", original)
     return total
 
 
@@ -110,15 +154,15 @@ def _parse_compound(text: str, original: str) -> int:
             continue
         if char not in _DURATION_UNITS or not number:
             raise QuantityError(
-                f"duration {original!r}: expected e.g. 90m, 10h, 2d, 1h30m or HH:MM:SS"
+                f"duration {shown(original)}: expected e.g. 90m, 10h, 2d, 1h30m or HH:MM:SS"
             )
         if seen and _DURATION_UNITS[seen[-1]] <= _DURATION_UNITS[char]:
-            raise QuantityError(f"duration {original!r}: units must go from largest to smallest")
+            raise QuantityError(f"duration {shown(original)}: units must go from largest to smallest")
         seen.append(char)
         total += _parse_decimal(number, _DURATION_UNITS[char], "duration", original)
         number = ""
     if number:
-        raise QuantityError(f"duration {original!r}: {number!r} has no unit (s, m, h, d or w)")
+        raise QuantityError(f"duration {shown(original)}: {shown(number)} has no unit (s, m, h, d or w)")
     return total
 
 
@@ -130,13 +174,13 @@ class Size(int):
     @classmethod
     def parse(cls, value: object) -> "Size":
         if isinstance(value, bool):
-            raise QuantityError(f"size {value!r}: expected e.g. 512MiB, 2GiB or 2G")
+            raise QuantityError(f"size {shown(value)}: expected e.g. 512MiB, 2GiB or 2G")
         if isinstance(value, int):
             if value < 0:
-                raise QuantityError(f"size {value!r} is negative")
-            return cls(value)
+                raise QuantityError(f"size {shown(value)} is negative")
+            return cls(_bounded(value, "size", value))
         if not isinstance(value, str):
-            raise QuantityError(f"size {value!r}: expected e.g. 512MiB, 2GiB or 2G")
+            raise QuantityError(f"size {shown(value)}: expected e.g. 512MiB, 2GiB or 2G")
         text = value.strip()
         end = len(text)
         while end and not (text[end - 1] in _DIGITS or text[end - 1] == "."):
@@ -144,10 +188,10 @@ class Size(int):
         number, unit = text[:end].strip(), text[end:].strip().lower()
         if unit not in _SIZE_UNITS and unit != "":
             raise QuantityError(
-                f"size {value!r}: unknown unit {text[end:].strip()!r} "
+                f"size {shown(value)}: unknown unit {shown(text[end:].strip())} "
                 "(use KiB, MiB, GiB, TiB; K, M, G, T; kB, MB, GB, TB; or B)"
             )
-        return cls(_parse_decimal(number, _SIZE_UNITS.get(unit, 1), "size", value))
+        return cls(_bounded(_parse_decimal(number, _SIZE_UNITS.get(unit, 1), "size", value), "size", value))
 
     def __str__(self) -> str:
         size = int(self)

@@ -391,3 +391,81 @@ def test_agent_frames(agent_socket, chunks):
     log.seek(0)
     no_traceback(log.read())
     no_canary()
+
+
+# -- bad input ends with exit 2 and one short line, never an internal error (70) ---------------------
+
+SMALL_SITE = """\
+hypervisor: {{uri: "test:///default", pool: blahvm-hostile-small, pool_path: {d}/clones, timeout: {timeout}}}
+host: {{max_guests: 2, state_dir: {d}/state, run_dir: {d}/run}}
+defaults: {{walltime: 1h, cores: 1, memory: {memory}}}
+environments:
+  demo: {{image: {d}/golden.raw, flavour: kvm, memory: 256MiB, vcpus: 1}}
+queues: {{short: {{}}}}
+routes:
+  - {{name: all, queue: short, environment: demo}}
+"""
+
+
+def small_site(directory, timeout="20s", memory="256MiB") -> str:
+    path = os.path.join(str(directory), "site.yaml")
+    with open(path, "w") as stream:
+        stream.write(SMALL_SITE.format(d=directory, timeout=timeout, memory=memory))
+    return path
+
+
+def blahvm_cli(*argv: "str | bytes"):
+    """The installed command, argv as bytes where a test needs bytes no str can spell (a lone surrogate)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLAHVM_")}
+    env["BLAHVM_CACHE_DIR"] = "/nonexistent/blahvm-cache"
+    done = subprocess.run([os.path.join(os.path.dirname(sys.executable), "blahvm"), *argv], capture_output=True,
+                          env=env, timeout=60, cwd="/")
+    return done.returncode, done.stdout.decode("utf-8", "replace"), done.stderr.decode("utf-8", "replace")
+
+
+def one_short_line(text: str) -> str:
+    lines = text.splitlines()
+    assert len(lines) == 1 and len(lines[0]) < 300 and "internal error" not in text, text[:1000]
+    return lines[0]
+
+
+@pytest.mark.parametrize("option", ["--walltime", "--memory", "--cores"])
+def test_a_5000_digit_quantity_on_the_command_line_is_bad_input(tmp_path, option):
+    code, out, err = blahvm_cli("route", "--config", small_site(tmp_path), option, "9" * 5000)
+    assert code == 2 and out == ""
+    assert "more than 40 digits" in one_short_line(err)
+
+
+@pytest.mark.parametrize("text, complaint", [
+    ("memory: 1." + "0" * 200000 + "GiB", "more than 40 digits"),       # int() refuses past 4300 digits
+    ("memory: 99999999999TiB", "too large"),                              # past SQLite's 64-bit integers
+    ("walltime: 1:" + "9" * 5000, "more than 40 digits"),
+    ("cores: 99999999999999999999", "too large"),
+])
+def test_an_absurd_quantity_in_the_config_is_a_config_problem(tmp_path, text, complaint):
+    path = tmp_path / "site.yaml"
+    path.write_text(f"defaults:\n  {text}\n")
+    code, _, err = blahvm_cli("check", "--config", str(path))
+    assert code == 2, err[:500]
+    assert complaint in err.splitlines()[0] and len(err) < 600
+
+
+@pytest.mark.parametrize("text", ["a: &a [*a]\n", "routes: &r [*r]\n", "hypervisor: &h {x: *h}\n",
+                                  "a: " + "[" * 60 + "]" * 60 + "\n"])
+def test_a_self_referencing_or_bottomless_yaml_value_is_a_config_problem(tmp_path, text):
+    path = tmp_path / "site.yaml"
+    path.write_text(text)
+    code, _, err = blahvm_cli("check", "--config", str(path))
+    assert code == 2 and "internal error" not in err, err
+    assert "alias refers to a value that contains it" in err or "nested more than" in err
+
+
+def test_a_hypervisor_timeout_past_a_day_is_refused_by_check_and_every_command(tmp_path):
+    config = small_site(tmp_path, timeout="99999999999999999999999999s")
+    for argv in (["check"], ["guests"], ["reap"], ["capacity"],
+                 ["prepare", "--job-id", "1", "--user", "nobody", "--no-wait"], ["teardown", "--job-id", "1"]):
+        code, _, err = blahvm_cli(*argv, "--config", config)
+        assert code == 2, (argv, err)
+        assert err.startswith(f"{config}:1: hypervisor.timeout: ") and "longer than 1d" in err, err
+    assert blahvm_cli("check", "--config", small_site(tmp_path, timeout="2d"))[0] == 2
+    assert blahvm_cli("check", "--config", small_site(tmp_path, timeout="1d"))[0] == 0

@@ -30,7 +30,7 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from blahvm.locations import cache_dir
-    from blahvm.quantities import Duration, QuantityError, Size
+    from blahvm.quantities import Duration, QuantityError, Size, parse_count
     from blahvm.routing.fast import load_table
     from blahvm.routing.table import FIELDS
 
@@ -39,9 +39,7 @@ def run(args: argparse.Namespace) -> int:
         facts[FIELDS.index("walltime")] = None if args.walltime is None else int(Duration.parse(args.walltime))
         facts[FIELDS.index("memory")] = None if args.memory is None else int(Size.parse(args.memory))
         if args.cores is not None:
-            if not args.cores.isdigit() or int(args.cores) < 1:
-                raise QuantityError(f"cores {args.cores!r}: expected a whole number of at least 1")
-            facts[FIELDS.index("cores")] = int(args.cores)
+            facts[FIELDS.index("cores")] = parse_count(args.cores, "cores")
     except QuantityError as error:
         return fail(str(error))
     table = load_table(resolved_config_path(args), cache_dir())

@@ -24,14 +24,10 @@ def add_submission_options(parser: argparse.ArgumentParser) -> None:
 def submission_from_args(args: argparse.Namespace, user: str):
     """A ``Submission`` from the options; raises BadSubmission with a one-line reason."""
     from blahvm.model import Submission
-    from blahvm.quantities import Duration, QuantityError, Size
+    from blahvm.quantities import Duration, QuantityError, Size, parse_count
 
     try:
-        cores = None
-        if args.cores is not None:
-            if not args.cores.isdigit() or int(args.cores) < 1:
-                raise QuantityError(f"cores {args.cores!r}: expected a whole number of at least 1")
-            cores = int(args.cores)
+        cores = None if args.cores is None else parse_count(args.cores, "cores")
         return Submission(
             queue=args.queue, vo=args.vo, user=user, group=args.group, account=args.account,
             walltime=None if args.walltime is None else Duration.parse(args.walltime),

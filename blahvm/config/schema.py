@@ -25,7 +25,7 @@ from blahvm.model import (
     SiteConfig,
     VoRule,
 )
-from blahvm.quantities import Duration, QuantityError, Size
+from blahvm.quantities import MAX, Duration, QuantityError, QuantityTooLarge, Size, parse_count, shown
 
 INVALID = object()
 
@@ -53,7 +53,7 @@ def _kind(value: Any) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return repr(value)
+    return shown(value)
 
 
 # -- scalar readers ---------------------------------------------------------------------------
@@ -89,6 +89,9 @@ def read_positive_int(problems: Problems, path: Path, value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         problems.add(path, f"expected a whole number of at least 1, got {_kind(value)}")
         return INVALID
+    if value > MAX:  # it must fit the ledger's 64-bit integers
+        problems.add(path, f"{shown(value)} is too large (at most {MAX})")
+        return INVALID
     return value
 
 
@@ -105,17 +108,23 @@ def _quantity_text(problems: Problems, path: Path, value: Any) -> Any:
     return text if text is not None and not isinstance(value, str) else value
 
 
-def read_positive(quantity: Any, zero: str) -> Reader:
-    """A reader of a non-zero ``Duration`` or ``Size``; ``zero`` says why 0 will not do."""
+def read_positive(quantity: Any, zero: str, most: Any = None) -> Reader:
+    """A reader of a non-zero ``Duration`` or ``Size``, at most ``most``; ``zero`` says why 0 will not do."""
 
     def read(problems: Problems, path: Path, value: Any) -> Any:
         try:
             parsed = quantity.parse(_quantity_text(problems, path, value))
+        except QuantityTooLarge as error:
+            problems.add(path, str(error) if most is None else f"{shown(value)} is longer than {most}")
+            return INVALID
         except QuantityError as error:
             problems.add(path, str(error))
             return INVALID
         if parsed == 0:
             problems.add(path, zero)
+            return INVALID
+        if most is not None and parsed > most:
+            problems.add(path, f"{parsed} is longer than {most}")
             return INVALID
         return parsed
 
@@ -124,6 +133,10 @@ def read_positive(quantity: Any, zero: str) -> Reader:
 
 read_positive_duration = read_positive(Duration, "must be longer than 0s")
 read_positive_size = read_positive(Size, "must be larger than 0B")
+# A bound on each libvirt call, waited for with threading and poll: a day is far past any call a site
+# could mean, and far below what their clocks can count (poll's milliseconds overflow at 24.8 days).
+MAX_HYPERVISOR_TIMEOUT = Duration(86400)
+read_hypervisor_timeout = read_positive(Duration, "must be longer than 0s", MAX_HYPERVISOR_TIMEOUT)
 
 
 def read_sha256(problems: Problems, path: Path, value: Any) -> Any:
@@ -217,7 +230,7 @@ HYPERVISOR_FIELDS = {
     "pool": read_name,
     "pool_path": read_absolute_path,
     "domain_type": read_choice(*DOMAIN_TYPES),
-    "timeout": read_positive_duration,
+    "timeout": read_hypervisor_timeout,
 }
 
 HOST_FIELDS = {
@@ -311,10 +324,10 @@ def _parse_quantity(field: str, text: Any) -> Any:
         return Duration.parse(text)
     if field == "memory":
         return Size.parse(text)
-    if isinstance(text, str) and text.strip().isdigit():
-        text = int(text.strip())
-    if isinstance(text, bool) or not isinstance(text, int) or text < 0:
-        raise QuantityError(f"cores {text!r}: expected a whole number")
+    if isinstance(text, str):
+        return 0 if text.strip() == "0" else parse_count(text.strip(), "cores")
+    if isinstance(text, bool) or not isinstance(text, int) or not 0 <= text <= MAX:
+        raise QuantityError(f"cores {shown(text)}: expected a whole number")
     return text
 
 

@@ -18,6 +18,7 @@ Path = Tuple[Any, ...]
 # A config is small; this bounds alias expansion ("billion laughs") and absurd inputs.
 MAX_NODES = 100_000
 MAX_BYTES = 4 * 1024 * 1024
+MAX_DEPTH = 50  # a site config nests about 5 deep; this keeps building it far from Python's recursion limit
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _PLAIN_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("map", "seq", "str", "int", "float", "bool", "null"))
@@ -66,20 +67,30 @@ class _Builder:
         self.texts: Dict[Path, str] = {}
         self.duplicates: List[Tuple[Path, int]] = []
         self.count = 0
+        self.enclosing: List[yaml.Node] = []  # the nodes being built around the current one
         self.constructor = yaml.constructor.SafeConstructor()
 
     def build(self, node: yaml.Node, path: Path) -> Any:
         self.count += 1
         if self.count > MAX_NODES:
             raise SourceError(f"more than {MAX_NODES} values (aliases expanded); refusing to read it")
-        self.lines.setdefault(path, node.start_mark.line + 1)
+        line = node.start_mark.line + 1
+        if node in self.enclosing:  # ``a: &a [*a]``: an alias inside the value it names
+            raise SourceError("an alias refers to a value that contains it", line)
+        if len(self.enclosing) >= MAX_DEPTH:
+            raise SourceError(f"values nested more than {MAX_DEPTH} deep; refusing to read it", line)
+        self.lines.setdefault(path, line)
         if node.tag not in _PLAIN_TAGS:
-            raise SourceError(f"unsupported tag {node.tag!r}", node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            return self._mapping(node, path)
-        if isinstance(node, yaml.SequenceNode):
-            return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
-        return self._scalar(node, path)
+            raise SourceError(f"unsupported tag {node.tag!r}", line)
+        self.enclosing.append(node)
+        try:
+            if isinstance(node, yaml.MappingNode):
+                return self._mapping(node, path)
+            if isinstance(node, yaml.SequenceNode):
+                return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
+            return self._scalar(node, path)
+        finally:
+            self.enclosing.pop()
 
     def _mapping(self, node: yaml.MappingNode, path: Path) -> dict:
         result: dict = {}
