@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -374,6 +375,103 @@ def test_a_ledger_path_that_is_a_directory_gives_a_clear_error(tmp_path):
     (tmp_path / "ledger.sqlite").mkdir()
     with pytest.raises(LedgerError, match="cannot be opened"):
         Ledger(host_in(tmp_path))
+
+
+def test_a_new_ledger_is_put_in_place_whole(tmp_path):
+    with Ledger(host_in(tmp_path)) as ledger:
+        reserve(ledger, "101")
+    assert os.path.getsize(tmp_path / "ledger.sqlite") > 0
+    assert sorted(os.listdir(tmp_path)) == ["ledger.sqlite"]  # no temporary file left beside it
+
+
+def test_a_zero_byte_ledger_is_refused_not_taken_for_a_new_one(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    path.touch(mode=0o600)
+    with pytest.raises(LedgerError, match=r"is empty \(0 bytes\): .*truncated it") as refused:
+        Ledger(host_in(tmp_path))
+    assert "\n" not in str(refused.value) and "-wal of" not in str(refused.value)
+    assert path.stat().st_size == 0
+
+
+def test_a_zero_byte_ledger_beside_its_wal_keeps_the_wal(tmp_path):
+    # SQLite would take the empty file for a new database and delete the -wal (the entries) unread.
+    with Ledger(host_in(tmp_path / "before")) as ledger:
+        ledger._db.execute("PRAGMA wal_autocheckpoint = 0")
+        reserve(ledger, "101")
+        for name in ("ledger.sqlite-wal", "ledger.sqlite-shm"):
+            shutil.copy(tmp_path / "before" / name, tmp_path / name)
+    (tmp_path / "ledger.sqlite").touch(mode=0o600)
+    wal = (tmp_path / "ledger.sqlite-wal").read_bytes()
+    assert wal
+    with pytest.raises(LedgerError, match=f"its -wal of {len(wal)} bytes would be discarded unread"):
+        Ledger(host_in(tmp_path))
+    assert (tmp_path / "ledger.sqlite-wal").read_bytes() == wal
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 512 KiB tmpfs of the test's own, unmounted after it."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    where = tmp_path / "small"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k,mode=0755", "blahvm-test", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def fill(directory):
+    fd = os.open(os.path.join(directory, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):  # ENOSPC: full
+            while os.write(fd, b"\0" * 4096):
+                pass
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("when", ["opening", "writing"])
+def test_a_full_state_dir_says_no_space_and_keeps_the_ledger(small_filesystem, when):
+    host = host_in(small_filesystem / "state", max_guests=50)
+    with Ledger(host) as ledger:
+        reserve(ledger, "101")
+    expected = r"cannot be written: no space left on the filesystem of .*state .*: free some space; " \
+               r"the ledger is intact .*do not move it aside"
+    if when == "opening":
+        fill(small_filesystem)
+        with pytest.raises(LedgerError, match=expected) as refused:
+            Ledger(host)
+    else:
+        with Ledger(host) as ledger, pytest.raises(LedgerError, match=expected) as refused:
+            fill(small_filesystem)
+            for job in range(200):  # until the WAL cannot grow
+                reserve(ledger, f"job-{job}", memory=1)
+    assert "move it aside, then" not in str(refused.value) and "unreadable" not in str(refused.value)
+    os.unlink(small_filesystem / "filler")
+    with Ledger(host) as ledger:
+        assert ledger.get("101").state is State.RESERVED  # the ledger was right not to be discarded
+
+
+def test_a_read_only_state_dir_says_so(small_filesystem):
+    host = host_in(small_filesystem / "state")
+    with Ledger(host) as ledger:
+        reserve(ledger, "101")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_filesystem)], check=True)
+    with pytest.raises(LedgerError, match=r"(?i)read-only") as refused:
+        with Ledger(host) as ledger:
+            reserve(ledger, "102")
+    assert "move it aside" not in str(refused.value)
+
+
+def test_an_io_error_is_not_called_a_damaged_ledger(tmp_path):
+    from blahvm.ledger.database import describe
+
+    Ledger(host_in(tmp_path)).disconnect()
+    said = describe(str(tmp_path / "ledger.sqlite"), sqlite3.OperationalError("disk I/O error"))
+    assert said.startswith(f"ledger {tmp_path}/ledger.sqlite: I/O error (disk I/O error): check the disk")
+    assert "do not move the ledger aside" in said and "move it aside, then" not in said
 
 
 # -- concurrency and crashes ------------------------------------------------------------------------

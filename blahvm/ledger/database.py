@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import stat
+import tempfile
 import time
 from typing import Callable, Dict
 
@@ -70,7 +72,7 @@ def ledger_path(state_dir: str) -> str:
     return os.path.join(state_dir, FILENAME)
 
 
-def prepare_file(path: str) -> None:
+def prepare_file(path: str, busy_timeout: float = 30.0) -> None:
     """Create the ledger file 0600 (SQLite gives its -wal and -shm files the same mode) and check it.
 
     A missing directory is created 0755, not 0700: the state directory usually also holds images and
@@ -80,7 +82,9 @@ def prepare_file(path: str) -> None:
     try:
         os.makedirs(directory, mode=0o755, exist_ok=True)
         _refuse_if_writable_by_others(directory, os.stat(directory))
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        if not os.path.lexists(path):
+            _create(path, directory, busy_timeout)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             info = os.fstat(fd)
         finally:
@@ -90,6 +94,55 @@ def prepare_file(path: str) -> None:
     if not stat.S_ISREG(info.st_mode):
         raise LedgerError(f"ledger {path} is not a regular file")
     _refuse_if_writable_by_others(path, info)
+    if info.st_size == 0:
+        _refuse_empty(path)
+
+
+def _create(path: str, directory: str, busy_timeout: float) -> None:
+    """Make a new ledger whole under a temporary name, then link it into place.
+
+    So no ledger is ever seen empty: a 0-byte ledger.sqlite was truncated by something else, and is
+    refused rather than silently taken for a new one (the entries of the running jobs are gone).
+    """
+    fd, temporary = tempfile.mkstemp(prefix=f".{FILENAME}.new-", dir=directory)  # mode 0600
+    os.close(fd)
+    try:
+        with translated_errors(path):
+            db = sqlite3.connect(temporary, timeout=busy_timeout, isolation_level=None)
+            try:
+                _use_wal(db, busy_timeout)
+                db.execute("PRAGMA synchronous=FULL")
+                migrate(db, path)
+            finally:
+                db.close()  # the last connection: SQLite checkpoints into the file and removes -wal, -shm
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # another process made it first: that one is used
+        directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(directory_fd)
+        finally:
+            os.close(directory_fd)
+    finally:
+        for leftover in (temporary, temporary + "-wal", temporary + "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+
+
+def _refuse_empty(path: str) -> None:
+    try:
+        wal = os.stat(path + "-wal").st_size
+    except OSError:
+        wal = 0
+    # SQLite itself would take a 0-byte file for a new database, and delete a -wal beside it unread.
+    beside = f", and its -wal of {wal} bytes would be discarded unread" if wal else ""
+    raise LedgerError(
+        f"ledger {path} is empty (0 bytes): blahvm never puts an empty ledger in place, so something truncated "
+        f"it and the entries of this host's jobs are lost{beside}. To start a new ledger, move it (with its "
+        "-wal and -shm) aside; then 'blahvm guests' lists the guests of jobs still running, which 'blahvm reap' "
+        "would remove"
+    )
 
 
 def _refuse_if_writable_by_others(path: str, info: os.stat_result) -> None:
@@ -103,7 +156,7 @@ def _refuse_if_writable_by_others(path: str, info: os.stat_result) -> None:
 
 def connect(path: str, busy_timeout: float) -> sqlite3.Connection:
     """An open, migrated ledger in WAL mode; transactions are begun explicitly by the caller."""
-    prepare_file(path)
+    prepare_file(path, busy_timeout)
     with translated_errors(path):
         db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     try:
@@ -187,9 +240,67 @@ class translated_errors:
             ) from None
         if isinstance(error, sqlite3.IntegrityError):
             raise LedgerError(f"ledger {self.path} refused an inconsistent write ({error})") from None
-        if isinstance(error, sqlite3.DatabaseError):
-            raise LedgerError(
-                f"ledger {self.path} is unreadable ({error}): "
-                "move it aside, then 'blahvm reap' removes the guests nothing owns"
-            ) from None
-        raise LedgerError(f"ledger {self.path}: {error}") from None
+        raise LedgerError(describe(self.path, error)) from None
+
+
+# SQLite's primary result codes (the low byte of an extended one) that say what went wrong
+_PERM, _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 3, 8, 10, 11, 13, 14, 26
+_BY_TEXT = (("disk is full", _FULL), ("disk i/o error", _IOERR), ("readonly database", _READONLY),
+            ("unable to open", _CANTOPEN), ("not a database", _NOTADB), ("malformed", _CORRUPT))
+_LOW_SPACE = 1024 * 1024  # less than this free: a WAL frame or the -shm may well not fit
+_INTACT = "the ledger is intact (SQLite wrote nothing half-way): do not move it aside"
+
+
+def describe(path: str, error: sqlite3.Error) -> str:
+    """One line saying what is wrong with the ledger; moving it aside is advised only when it is damaged.
+
+    Moving a ledger aside makes the next reap remove every guest it recorded, so a full disk, an I/O
+    error or a permission problem must never read like a damaged ledger.
+    """
+    code = getattr(error, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        primary, name = code & 0xFF, getattr(error, "sqlite_errorname", str(code))
+    else:
+        text = str(error).lower()
+        primary = next((known for words, known in _BY_TEXT if words in text), None)
+        name = str(error)
+    directory = os.path.dirname(os.path.abspath(path))
+    intact = f"; {_INTACT}" if os.path.lexists(path) else ""  # else it was being made
+    if primary in (_CORRUPT, _NOTADB):
+        return (f"ledger {path} is unreadable ({error}): "
+                "move it aside, then 'blahvm reap' removes the guests nothing owns")
+    if primary in (_FULL, _IOERR):
+        short = _short_of_space(directory)
+        if short or primary == _FULL:
+            return f"ledger {path} cannot be written: {short or 'the disk is full'} ({name}): free some space{intact}"
+        return (f"ledger {path}: I/O error ({name}): check the disk and the filesystem of {directory} "
+                f"(e.g. dmesg); do not move the ledger aside, it records the guests of the running jobs")
+    if primary in (_READONLY, _CANTOPEN, _PERM):
+        return f"ledger {path} cannot be written: {_why_not_writable(path, directory)} ({name}){intact}"
+    return f"ledger {path}: {error}"
+
+
+def _short_of_space(directory: str) -> str:
+    """What the filesystem lacks, or ''."""
+    try:
+        info = os.statvfs(directory)
+    except OSError:
+        return ""
+    free = (info.f_bavail if os.geteuid() else info.f_bfree) * info.f_frsize  # root may use reserved blocks
+    if free < _LOW_SPACE:
+        return f"no space left on the filesystem of {directory} ({free // 1024} KiB free)"
+    if info.f_files and (info.f_favail if os.geteuid() else info.f_ffree) == 0:
+        return f"no free inodes on the filesystem of {directory}"
+    return ""
+
+
+def _why_not_writable(path: str, directory: str) -> str:
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return f"the filesystem of {directory} is mounted read-only"
+    except OSError:
+        pass
+    for where in (directory, path):
+        if os.path.exists(where) and not os.access(where, os.W_OK):
+            return f"permission denied on {where} (run as its owner)"
+    return "it cannot be opened for writing"
