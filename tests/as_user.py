@@ -42,9 +42,14 @@ def run_as(user: str, action: Callable[[], str]) -> str:
 
 
 def write_at(path: str, offset: int, data: bytes) -> Callable[[], str]:
-    """An action that writes ``data`` into ``path`` at ``offset`` (without truncating it)."""
+    """An action that writes ``data`` into ``path`` at ``offset`` (without truncating it), first
+    making the file writable where it can (an owner can, whatever the mode)."""
 
     def action() -> str:
+        try:
+            os.chmod(path, 0o600)
+        except PermissionError:
+            pass
         fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
         try:
             os.pwrite(fd, data, offset)

@@ -31,7 +31,8 @@ RUN_TIMEOUT = 120
 def guest_socket(demo_image):
     """The host end of org.blahvm.agent.0 of a running demo guest."""
     libvirt = pytest.importorskip("libvirt")
-    from blahvm.hypervisor.domain import DiskSpec, GuestMetadata, GuestSpec, build_domain_xml, guest_uuid
+    from blahvm.hypervisor.domain import (BackingFile, DiskSpec, GuestMetadata, GuestSpec, build_domain_xml,
+                                          guest_uuid)
     from blahvm.services import ensure_libvirt
 
     ensure_libvirt("qemu:///system", timeout=90)
@@ -50,7 +51,7 @@ def guest_socket(demo_image):
         flavour="kvm",
         memory=demo_image.environment().memory,
         vcpus=1,
-        disks=(DiskSpec(overlay),),
+        disks=(DiskSpec(overlay, backing=BackingFile(demo_image.image)),),  # the golden stays root's
         metadata=GuestMetadata(job_id="agent-test", user="root", environment="demo", host="localhost",
                                created=int(time.time())),
         agent_sockets=(agent_socket_path(run_dir, 0),),

@@ -455,6 +455,10 @@ def _domain_xml(name, image, overlay, console, socket_path, hostname):
     disk = ET.SubElement(devices, "disk", type="file", device="disk")
     ET.SubElement(disk, "driver", name="qemu", type="qcow2")
     ET.SubElement(disk, "source", file=overlay)
+    store = ET.SubElement(disk, "backingStore", type="file")  # as prepare gives it: the golden stays root's
+    ET.SubElement(store, "format", type="qcow2")
+    ET.SubElement(ET.SubElement(store, "source", file=image.image), "seclabel", model="dac", relabel="no")
+    ET.SubElement(store, "backingStore")
     ET.SubElement(disk, "target", dev="vda", bus="virtio")
     serial = ET.SubElement(devices, "serial", type="file")
     ET.SubElement(serial, "source", path=console)

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blahvm.hypervisor.domain import (
+    BackingFile,
     DiskSpec,
     GuestMetadata,
     GuestSpec,
@@ -78,7 +79,7 @@ CASES = {
         flavour="kvm",
         domain_type="qemu",
         disks=(
-            DiskSpec("/var/lib/blahvm/clones/a.qcow2"),
+            DiskSpec("/var/lib/blahvm/clones/a.qcow2", backing=BackingFile("/var/lib/blahvm/images/g.raw", "raw")),
             DiskSpec("/var/lib/blahvm/clones/a-scratch.qcow2"),
         ),
         kernel="/var/lib/blahvm/images/vmlinuz",

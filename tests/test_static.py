@@ -42,9 +42,12 @@ def make_config(where, names, uri=TEST_URI, **environment):
     )
 
 
-def site_domain_xml(name, domain_type, disk, socket, kernel="", initrd="", cmdline=""):
-    """A static guest as a site defines it: its own disk, the agent channel, ACPI (poweroff stops it)."""
+def site_domain_xml(name, domain_type, disk, socket, kernel="", initrd="", cmdline="", golden=""):
+    """A static guest as a site defines it: its own disk, the agent channel, ACPI (poweroff stops it).
+    A disk on a golden names it as its backing store, never to be relabelled (docs/images.md)."""
     boot = f"<kernel>{kernel}</kernel><initrd>{initrd}</initrd><cmdline>{cmdline}</cmdline>" if kernel else ""
+    backing = (f"<backingStore type='file'><format type='qcow2'/><source file='{golden}'>"
+               "<seclabel model='dac' relabel='no'/></source><backingStore/></backingStore>") if golden else ""
     return f"""<domain type='{domain_type}'>
   <name>{name}</name>
   <memory unit='MiB'>256</memory>
@@ -55,7 +58,7 @@ def site_domain_xml(name, domain_type, disk, socket, kernel="", initrd="", cmdli
   <devices>
     <disk type='file' device='disk'>
       <driver name='qemu' type='qcow2'/>
-      <source file='{disk}'/>
+      <source file='{disk}'/>{backing}
       <target dev='vda' bus='virtio'/>
     </disk>
     <channel type='unix'>
@@ -221,7 +224,7 @@ def real_static_site(demo_image):
                 subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", demo_image.image, disk],
                                check=True)
                 xml = site_domain_xml(name, "qemu", disk, os.path.join(where, name + ".sock"),
-                                      demo_image.kernel, demo_image.initrd, demo_image.cmdline)
+                                      demo_image.kernel, demo_image.initrd, demo_image.cmdline, demo_image.image)
                 define_site_guest(conn, xml)
         yield config
     finally:

@@ -13,9 +13,10 @@ import xml.etree.ElementTree as ET
 
 from blahvm.hypervisor.flavours import FLAVOURS, Flavour
 from blahvm.hypervisor.metadata import GuestMetadata, metadata_element, read_metadata
-from blahvm.hypervisor.spec import DiskSpec, GuestSpec, SharedDir, guest_uuid
+from blahvm.hypervisor.spec import BackingFile, DiskSpec, GuestSpec, SharedDir, guest_uuid
 
 __all__ = [
+    "BackingFile",
     "DiskSpec",
     "GuestMetadata",
     "GuestSpec",
@@ -72,10 +73,28 @@ def _devices(flavour: Flavour, spec: GuestSpec) -> ET.Element:
     return devices
 
 
+def _backing_store(backing: BackingFile) -> ET.Element:
+    """The overlay's whole chain, so libvirt neither probes it nor relabels the golden.
+
+    Without ``relabel='no'`` libvirt's DAC driver chowns every backing file to QEMU's user and,
+    for anything below the top of a chain, never gives it back: QEMU's user could then write the
+    golden every later guest boots from. The golden stays root's and world-readable instead;
+    QEMU opens backing files read-only. The empty ``<backingStore/>`` ends the chain.
+    """
+    store = ET.Element("backingStore", type="file")
+    ET.SubElement(store, "format", type=backing.format)
+    source = ET.SubElement(store, "source", file=backing.path)
+    ET.SubElement(source, "seclabel", model="dac", relabel="no")
+    ET.SubElement(store, "backingStore")
+    return store
+
+
 def _disk(flavour: Flavour, index: int, disk: DiskSpec) -> ET.Element:
     element = ET.Element("disk", type="file", device="disk")
     ET.SubElement(element, "driver", name="qemu", type=disk.format)
     ET.SubElement(element, "source", file=disk.path)
+    if disk.backing is not None:
+        element.append(_backing_store(disk.backing))
     dev, bus = flavour.disk_target(index)
     ET.SubElement(element, "target", dev=dev, bus=bus)
     if disk.readonly:

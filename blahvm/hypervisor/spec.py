@@ -41,17 +41,33 @@ def _check_line(what: str, text: Optional[str]) -> None:
 
 
 @attrs.frozen
+class BackingFile:
+    """The golden under an overlay: the whole rest of its chain (a golden has no backing file)."""
+
+    path: str
+    format: str = "qcow2"
+
+    def __attrs_post_init__(self) -> None:
+        _check_path("backing file", self.path)
+        if self.format not in DISK_FORMATS:
+            raise SpecError(f"backing file format {self.format!r} is not one of {', '.join(DISK_FORMATS)}")
+
+
+@attrs.frozen
 class DiskSpec:
     """A disk image file the guest sees, in the order given (first one boots)."""
 
     path: str
     format: str = "qcow2"
     readonly: bool = False
+    backing: Optional[BackingFile] = None  # an overlay's golden, given to libvirt rather than probed
 
     def __attrs_post_init__(self) -> None:
         _check_path("disk path", self.path)
         if self.format not in DISK_FORMATS:
             raise SpecError(f"disk format {self.format!r} is not one of {', '.join(DISK_FORMATS)}")
+        if self.backing is not None and (self.format != "qcow2" or not isinstance(self.backing, BackingFile)):
+            raise SpecError("only a qcow2 disk has a backing file, given as a BackingFile")
 
 
 @attrs.frozen

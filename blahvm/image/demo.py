@@ -149,7 +149,7 @@ def build_demo_image(dest: Optional[str] = None, progress: Optional[Progress] = 
     cached = _load(os.path.join(dest, key))
     if cached is not None:
         report(f"demo image: reusing {cached.directory}")
-        return cached
+        return _reclaimed(cached)
     if os.geteuid() != 0:
         # chroot runs the guest's python, and the guest's files must be owned by root
         raise ImageBuildError(f"no demo image in {dest} yet, and building one needs root")
@@ -168,7 +168,7 @@ def _build_locked(dest: str, key: str, agent: Optional[bytes], report: Progress)
         cached = _load(os.path.join(dest, key))  # another builder may have finished meanwhile
         if cached is not None:
             report(f"demo image: reusing {cached.directory}")
-            return cached
+            return _reclaimed(cached)
         for stale in glob.glob(os.path.join(dest, ".build-*")):  # left by a crashed build
             shutil.rmtree(stale, ignore_errors=True)
         if agent is None:
@@ -210,6 +210,28 @@ def _load(directory: str) -> Optional[DemoImage]:
         )
     except (KeyError, TypeError):  # not a manifest this builder wrote
         return None
+
+
+def _reclaimed(image: DemoImage) -> DemoImage:
+    """The image with its files root's and read-only again (as root; else as found).
+
+    An older blahvm let libvirt chown goldens to QEMU's user for good, and prepare now refuses a
+    golden anyone but root could write. Taking them back is safe: the changed ctime makes the next
+    prepare hash the golden again against the sha256 in the manifest, which stayed root's.
+    """
+    if os.geteuid() != 0:
+        return image
+    for path in (image.image, image.kernel, image.initrd):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            status = os.fstat(fd)
+            if (status.st_uid, status.st_gid) != (0, 0):
+                os.fchown(fd, 0, 0)
+            if status.st_mode & 0o7777 != 0o444:
+                os.fchmod(fd, 0o444)
+        finally:
+            os.close(fd)
+    return image
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import attrs
 from blahvm.hypervisor import guests
 from blahvm.hypervisor.connection import Connection
 from blahvm.hypervisor.domain import (
+    BackingFile,
     DiskSpec,
     GuestMetadata,
     GuestSpec,
@@ -189,7 +190,9 @@ class _Preparation(BringUp):
         if self.environment.clone == "copy":
             disks = [DiskSpec(pool.clone_copy(self.golden, self.names.disk), self.golden.format)]
         else:
-            disks = [DiskSpec(pool.clone_overlay(self.golden, self.names.disk), "qcow2")]
+            # the golden named as the backing store: libvirt leaves it root's (domain._backing_store)
+            backing = BackingFile(self.golden.path, self.golden.format)
+            disks = [DiskSpec(pool.clone_overlay(self.golden, self.names.disk), "qcow2", backing=backing)]
         if self.environment.scratch:
             disks.append(DiskSpec(pool.create_scratch(self.names.scratch, int(self.environment.scratch)), "qcow2"))
         self.ledger.record_timing(self.job.job_id, "clone", time.monotonic() - started)
