@@ -229,8 +229,8 @@ def hook_rss(rows: Rows, demo) -> None:
             rows.add("hook RSS: the esub refused", done.stderr.strip()[:60])
             return
         row("esub (as the user: route)", "esub.blahvm")
-        env = lsf.job_env(job_id, "short", "nobody", lsf.env_lines(done.envfile), LSB_PROJECT_NAME="cms",
-                          LS_SUBCWD="/tmp")
+        lsf.set_project(serverdir, job_id, "cms")  # what the stand-in bjobs answers PRE_EXEC
+        env = lsf.job_env(job_id, "short", "nobody", lsf.env_lines(done.envfile), LS_SUBCWD="/tmp")
         if lsf.run_pre_exec(serverdir, env, timeout=300) != 0:
             rows.add("hook RSS: PRE_EXEC failed", "")
             return

@@ -67,7 +67,39 @@ def write_guest_site(directory: str, pool: str, demo) -> Tuple[str, str]:
     return write_site(directory, GUEST_SITE.format(d=directory, pool=pool, environments=environment.rstrip("\n")))
 
 
+STANDIN_BJOBS = """\
+#!/bin/sh
+# stand-in for volclava's `bjobs -json -o "jobid proj_name" ID`: projects from {projects} ("ID PROJECT" lines)
+[ "$1 $2 $3" = "-json -o jobid proj_name" ] || {{ echo "stand-in bjobs: unexpected arguments $*" >&2; exit 2; }}
+project=$(awk -v j="$4" '$1 == j {{print $2}}' {projects} 2>/dev/null)
+if [ -z "$project" ]; then
+    printf '{{"COMMAND": "bjobs", "JOBS": 1, "RECORDS": [{{"JOBID": "%s", "ERROR": "Job <%s> is not found"}}]}}\\n' "$4" "$4"
+    exit 255
+fi
+printf '{{"COMMAND": "bjobs", "JOBS": 1, "RECORDS": [{{"JOBID": "%s", "PROJ_NAME": "%s"}}]}}\\n' "$4" "$project"
+"""
+
+
+def standin_bjobs(serverdir: str) -> str:
+    """A stand-in bjobs beside ``serverdir`` answering from its ``projects`` file (``set_project``)."""
+    directory = os.path.dirname(os.path.abspath(serverdir))
+    path = os.path.join(directory, "bjobs")
+    if not os.path.exists(path):
+        with open(path, "w") as stream:
+            stream.write(STANDIN_BJOBS.format(projects=shlex.quote(os.path.join(directory, "projects"))))
+        os.chmod(path, 0o755)
+    return path
+
+
+def set_project(serverdir: str, job_id: str, project: str) -> None:
+    """What the stand-in bjobs says job ``job_id``'s project (``bsub -P``) is."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(serverdir)), "projects"), "a") as stream:
+        stream.write(f"{job_id} {project}\n")
+
+
 def install(serverdir: str, config: str, cache_dir: str, *options: str) -> subprocess.CompletedProcess:
+    if "--bjobs" not in options:
+        options = ("--bjobs", standin_bjobs(serverdir), *options)
     return subprocess.run(
         [sys.executable, "-m", "blahvm.cli.main", "install", "lsf", "--serverdir", serverdir, "--config", config,
          "--cache-dir", cache_dir, "--python", SYSTEM_PYTHON, *options],

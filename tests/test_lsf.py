@@ -345,22 +345,61 @@ def test_elim_aborts_on_a_host_without_blahvm(site):
 def test_pre_exec_refusals(site):
     hints = {"BLAHVM_ENVIRONMENT": "slc4", "BLAHVM_SUBMIT_QUEUE": "grid"}
     serverdir = site["serverdir"]
-    # a queue blahvm does not know, an environment the rules do not give there, a forged hint, no such user
-    assert lsf.run_pre_exec(serverdir, lsf.job_env("11", "normal", "nobody", hints, LSB_PROJECT_NAME="cms")) == 99
-    assert lsf.run_pre_exec(serverdir, lsf.job_env("12", "short", "nobody", dict(hints, BLAHVM_ENVIRONMENT="el9"),
-                                                   LSB_PROJECT_NAME="cms")) == 99
-    assert lsf.run_pre_exec(serverdir, lsf.job_env("13", "short", "nobody", hints, LSB_PROJECT_NAME="projA")) == 99
-    assert lsf.run_pre_exec(serverdir, lsf.job_env("14", "short", "nobody", dict(hints, BLAHVM_WALLTIME="$(id)"),
-                                                   LSB_PROJECT_NAME="cms")) == 99
-    assert lsf.run_pre_exec(serverdir, lsf.job_env("15", "short", "nobody", hints, LSFUSER="no-such-user-x",
-                                                   LSB_PROJECT_NAME="cms")) == 99
-    assert lsf.run_pre_exec(serverdir, lsf.job_env("../16", "short", "nobody", hints, LSB_PROJECT_NAME="cms")) == 99
+    for job_id, project in (("11", "cms"), ("12", "cms"), ("13", "projA"), ("14", "cms"), ("15", "cms"),
+                            ("17", "cms")):
+        lsf.set_project(serverdir, job_id, project)
+    # a queue blahvm does not know, an environment the rules do not give there, a project no route takes,
+    # a forged hint, no such user, a job id that is not one
+    assert lsf.run_pre_exec(serverdir, lsf.job_env("11", "normal", "nobody", hints)) == 99
+    assert lsf.run_pre_exec(serverdir, lsf.job_env("12", "short", "nobody", dict(hints, BLAHVM_ENVIRONMENT="el9"))) == 99
+    assert lsf.run_pre_exec(serverdir, lsf.job_env("13", "short", "nobody", hints)) == 99
+    assert lsf.run_pre_exec(serverdir, lsf.job_env("14", "short", "nobody", dict(hints, BLAHVM_WALLTIME="$(id)"))) == 99
+    assert lsf.run_pre_exec(serverdir, lsf.job_env("15", "short", "nobody", hints, LSFUSER="no-such-user-x")) == 99
+    assert lsf.run_pre_exec(serverdir, lsf.job_env("../16", "short", "nobody", hints)) == 99
+    # a job LSF does not know (bjobs: "Job <19> is not found")
+    assert lsf.run_pre_exec(serverdir, lsf.job_env("19", "short", "nobody", hints)) == 99
     # routed fine, but libvirt cannot be reached: re-pend
-    assert lsf.run_pre_exec(serverdir, lsf.job_env("17", "short", "nobody", hints, LSB_PROJECT_NAME="cms")) == 1
+    assert lsf.run_pre_exec(serverdir, lsf.job_env("17", "short", "nobody", hints)) == 1
+
+
+def test_pre_exec_takes_the_project_from_lsf_never_from_the_jobs_environment(site):
+    """volclava sets no LSB_PROJECT_NAME: whatever the submitter had in their environment passes through."""
+    hints = {"BLAHVM_ENVIRONMENT": "slc4", "BLAHVM_SUBMIT_QUEUE": "grid"}
+    serverdir = site["serverdir"]
+    lsf.set_project(serverdir, "31", "atlas")  # bsub -P atlas with LSB_PROJECT_NAME=cms in the environment
+    assert lsf.run_pre_exec(serverdir, lsf.job_env("31", "short", "nobody", hints, LSB_PROJECT_NAME="cms")) == 99
+    lsf.set_project(serverdir, "32", "cms")  # bsub -P cms with LSB_PROJECT_NAME=atlas: routed as cms
+    assert lsf.run_pre_exec(serverdir, lsf.job_env("32", "short", "nobody", hints, LSB_PROJECT_NAME="atlas")) == 1
+    lsf.set_project(serverdir, "33", "default")  # no -P: LSF's default project is none
+    assert lsf.run_pre_exec(serverdir, lsf.job_env("33", "short", "nobody", hints, LSB_PROJECT_NAME="cms")) == 99
+
+
+def test_project_from_bjobs_json():
+    from blahvm.batch.lsf.execution import LsfUnavailable, NotRunnable, project_from_bjobs
+
+    real = '{\n\t"COMMAND":\t"bjobs",\n\t"JOBS":\t1,\n\t"RECORDS":\t[{\n\t\t\t"JOBID":\t"1",\n\t\t\t"PROJ_NAME":\t"cms"\n\t\t}]\n}\n'
+    assert project_from_bjobs(real, "1") == "cms"
+    assert project_from_bjobs(real.replace('"cms"', '"default"'), "1") is None
+    with pytest.raises(NotRunnable, match="Job <999> is not found"):
+        project_from_bjobs('{"RECORDS": [{"JOBID": "999", "ERROR": "Job <999> is not found"}]}', "999")
+    for bad in ("", "{", '{"RECORDS": []}', '{"RECORDS": [{"JOBID": "1"}]}', '{"RECORDS": [{"PROJ_NAME": 3}]}'):
+        with pytest.raises(LsfUnavailable):
+            project_from_bjobs(bad, "1")
+
+
+def test_pre_exec_re_pends_while_lsf_cannot_say(site, tmp_path):
+    serverdir = str(tmp_path / "serverdir")
+    os.mkdir(serverdir)
+    hanging = tmp_path / "bjobs"
+    hanging.write_text("#!/bin/sh\nexit 255\n")
+    hanging.chmod(0o755)
+    assert lsf.install(serverdir, site["config"], site["cache"], "--bjobs", str(hanging)).returncode == 0
+    env = lsf.job_env("41", "short", "nobody", {"BLAHVM_SUBMIT_QUEUE": "grid"}, LSB_PROJECT_NAME="cms")
+    assert lsf.run_pre_exec(serverdir, env) == 1
 
 
 def test_starter_and_post_exec_without_a_guest(site):
-    env = lsf.job_env("21", "short", "nobody", {"BLAHVM_SUBMIT_QUEUE": "grid"}, LSB_PROJECT_NAME="cms")
+    env = lsf.job_env("21", "short", "nobody", {"BLAHVM_SUBMIT_QUEUE": "grid"})
     run = lsf.run_job_starter(site["serverdir"], env, "/bin/echo hello", "nobody", "/tmp")
     assert run.returncode == 255 and run.stdout == b""
     assert run.stderr.startswith(b"blahvm: job 21 could not run in its guest") and run.stderr.count(b"\n") == 1

@@ -57,8 +57,8 @@ def test_one_whole_job(site):
     assert submitted.code == 0, submitted.stderr
     assert 'LSB_SUB_QUEUE="short"' in submitted.modify
     # LSF runs it in the queue the esub chose, with the esub's env lines in its environment
-    env = lsf.job_env("7001", "short", "nobody", lsf.env_lines(submitted.envfile), LSB_PROJECT_NAME="cms",
-                      LS_SUBCWD="/tmp")
+    lsf.set_project(serverdir, "7001", "cms")  # what bjobs says: -P cms
+    env = lsf.job_env("7001", "short", "nobody", lsf.env_lines(submitted.envfile), LS_SUBCWD="/tmp")
     try:
         assert lsf.run_pre_exec(serverdir, env, timeout=300) == 0, log_of(site)
         assert lsf.run_pre_exec(serverdir, env, timeout=300) == 0, log_of(site)  # a re-run (LSF retries) reuses it

@@ -31,10 +31,50 @@ def add_parser(systems) -> None:
                              "(default elim.blahvm, for IBM LSF)")
     parser.add_argument("--elim-interval", type=float, default=15.0, metavar="SECONDS",
                         help="how often the elim samples (default 15, LIM's own period)")
+    parser.add_argument("--bjobs", metavar="PATH",
+                        help="the bjobs PRE_EXEC asks for a job's project (-P): LSF sets no variable a job "
+                             "could not forge (default: LSF_BINDIR/bjobs from lsf.conf)")
+    parser.add_argument("--lsf-envdir", metavar="DIR",
+                        help="LSF_ENVDIR (the directory of lsf.conf) fixed into PRE_EXEC for bjobs "
+                             "(default: $LSF_ENVDIR, else SERVERDIR/../etc if lsf.conf is there, else /etc)")
     parser.add_argument("--python", metavar="PATH", default=sys.executable,
                         help="the interpreter the hooks run on; every LSF user must be able to execute it "
                              f"(default {sys.executable})")
     parser.set_defaults(run=run)
+
+
+def lsf_conf_value(envdir: str, key: str):
+    """``KEY`` from ``envdir``/lsf.conf (the last assignment, quotes stripped), or None."""
+    value = None
+    try:
+        with open(os.path.join(envdir, "lsf.conf")) as stream:
+            for line in stream:
+                name, equals, rest = line.strip().partition("=")
+                if equals and name.strip() == key:
+                    value = rest.strip().strip('"') or None
+    except OSError:
+        return None
+    return value
+
+
+def find_envdir(serverdir: str, given) -> str:
+    if given:
+        return os.path.abspath(given)
+    if os.environ.get("LSF_ENVDIR"):
+        return os.environ["LSF_ENVDIR"]
+    beside = os.path.join(os.path.dirname(os.path.abspath(serverdir)), "etc")
+    return beside if os.path.isfile(os.path.join(beside, "lsf.conf")) else "/etc"
+
+
+def find_bjobs(envdir: str, given):
+    import shutil
+
+    if given:
+        return os.path.abspath(given)
+    bindir = lsf_conf_value(envdir, "LSF_BINDIR")
+    if bindir and os.path.isfile(os.path.join(bindir, "bjobs")):
+        return os.path.join(bindir, "bjobs")
+    return shutil.which("bjobs")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,6 +91,11 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"install lsf: --serverdir {args.serverdir!r} is not a directory")
     if not (os.path.isfile(args.python) and os.access(args.python, os.X_OK)):
         return fail(f"install lsf: --python {args.python!r} is not an executable file")
+    envdir = find_envdir(args.serverdir, args.lsf_envdir)
+    bjobs = find_bjobs(envdir, args.bjobs)
+    if not bjobs or not (os.path.isfile(bjobs) and os.access(bjobs, os.X_OK)):
+        return fail(f"install lsf: cannot find an executable bjobs ({bjobs or 'not in lsf.conf LSF_BINDIR nor PATH'}): "
+                    "give --bjobs PATH")
     if args.elim_interval <= 0:
         return fail("install lsf: --elim-interval must be positive")
     try:
@@ -65,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     hooks = {
         ESUB: script("blahvm.batch.lsf.esub", "main", {"cache_dir": cache_dir, "on_broken": args.on_broken_config}),
         args.elim_name: script("blahvm.batch.lsf.elim", "elim", {"interval": args.elim_interval}),
-        PRE_EXEC: script("blahvm.batch.lsf.execution", "pre_exec"),
+        PRE_EXEC: script("blahvm.batch.lsf.execution", "pre_exec", {"bjobs": bjobs, "lsf_envdir": envdir}),
         JOB_STARTER: script("blahvm.batch.lsf.execution", "job_starter"),
         POST_EXEC: script("blahvm.batch.lsf.execution", "post_exec"),
     }

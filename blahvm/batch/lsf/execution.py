@@ -4,8 +4,10 @@ Where the facts come from (docs/lsf.md, "Trust"): the queue is ``$LSB_QUEUE`` an
 ``$LSB_JOBID``/``$LSB_JOBINDEX``, which sbatchd sets itself over anything the user submitted; the
 user is the process's own when the hook runs as the job user, else ``$LSFUSER`` (then ``$USER``),
 which sbatchd sets for the job; the group is that user's primary group from the password
-database; the project is ``$LSB_PROJECT_NAME`` (LSF's ``default`` project counts as none); the
-cores are this host's share of ``$LSB_MCPU_HOSTS`` (else ``$LSB_HOSTS``). The esub's
+database; the project is LSF's own record of the job (``bjobs -json -o "jobid proj_name" ID``,
+bounded in time; LSF's ``default`` project counts as none), never ``$LSB_PROJECT_NAME``, which
+volclava does not set and which is whatever the submitter had in their environment; the cores are
+this host's share of ``$LSB_MCPU_HOSTS`` (else ``$LSB_HOSTS``). The esub's
 ``BLAHVM_ENVIRONMENT``, ``BLAHVM_WALLTIME``, ``BLAHVM_MEMORY`` and ``BLAHVM_SUBMIT_QUEUE`` are only
 the user's request, exactly as if typed at ``bsub``: the routing rules grant or refuse it again
 here, and the decision must land in the queue LSF actually runs the job in.
@@ -13,9 +15,11 @@ here, and the decision must land in the queue LSF actually runs the job in.
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
+import subprocess
 import sys
 from typing import Mapping, Optional, Sequence, Tuple
 
@@ -25,10 +29,17 @@ _JOB_ID = re.compile(r"[0-9]{1,20}\Z")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
 _INTERPRETER = re.compile(r"/[A-Za-z0-9/._+-]+\Z")
 LSF_DEFAULT_PROJECT = "default"
+BJOBS_TIMEOUT = 20.0  # seconds bjobs may take before PRE_EXEC re-pends the job
+# the guest agent takes one frame of at most 1 MiB for the command, its environment and the rest
+MAX_EXEC_BYTES = (1 << 20) - 4096
 
 
 class NotRunnable(Exception):
     """This job can never run here (FAIL_JOB), with a one-line reason."""
+
+
+class LsfUnavailable(Exception):
+    """LSF could not say now what it knows about the job (RETRY_ELSEWHERE), with a one-line reason."""
 
 
 def _say(message: str) -> None:
@@ -103,8 +114,44 @@ def workdir_of(environ: Mapping[str, str], uid: int) -> Optional[str]:
     return path if stat.S_ISDIR(status.st_mode) and status.st_uid == uid and uid != 0 else None
 
 
-def lsf_job(config, environ: Mapping[str, str]):
-    """The ``Job`` this host runs for the LSF job in ``environ`` (raises NotRunnable)."""
+def project_from_bjobs(text: str, job_id: str) -> Optional[str]:
+    """The project of ``bjobs -json -o "jobid proj_name" ID``'s one record (None for LSF's ``default``)."""
+    try:
+        records = json.loads(text)["RECORDS"]
+        record = records[0]
+        if "ERROR" in record:
+            raise NotRunnable(f"job {job_id}: LSF says: {' '.join(str(record['ERROR']).split())}")
+        project = record["PROJ_NAME"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise LsfUnavailable(f"job {job_id}: bjobs -json gave no project") from None
+    if not isinstance(project, str):
+        raise LsfUnavailable(f"job {job_id}: bjobs -json gave no project")
+    project = project.strip()
+    return None if not project or project == LSF_DEFAULT_PROJECT else project
+
+
+def project_from_lsf(job_id: str, bjobs: str, lsf_envdir: Optional[str], timeout: float = BJOBS_TIMEOUT) -> Optional[str]:
+    """Ask LSF for the job's project (``-P``), bounded by ``timeout``; never the job's environment."""
+    env = {"PATH": "/bin:/usr/bin"}
+    if lsf_envdir:
+        env["LSF_ENVDIR"] = lsf_envdir
+    try:
+        done = subprocess.run([bjobs, "-json", "-o", "jobid proj_name", job_id], stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=timeout, env=env, cwd="/")
+    except subprocess.TimeoutExpired:
+        raise LsfUnavailable(f"job {job_id}: {bjobs} did not answer within {timeout:g}s") from None
+    except OSError as error:
+        raise LsfUnavailable(f"job {job_id}: cannot run {bjobs}: {error.strerror}") from None
+    text = done.stdout.decode("utf-8", "replace")
+    if done.returncode != 0 and '"ERROR"' not in text:
+        said = " ".join(done.stderr.decode("utf-8", "replace").split())[:200]
+        raise LsfUnavailable(f"job {job_id}: {bjobs} failed with exit {done.returncode}: {said}")
+    return project_from_bjobs(text, job_id)
+
+
+def lsf_job(config, environ: Mapping[str, str], project: Optional[str] = None):
+    """The ``Job`` this host runs for the LSF job in ``environ`` whose project LSF says is ``project``
+    (raises NotRunnable)."""
     from blahvm.batch.execution import route_in_queue
     from blahvm.model import Job, Rejection, Submission
     from blahvm.quantities import Duration, Size
@@ -120,12 +167,11 @@ def lsf_job(config, environ: Mapping[str, str]):
         group = grp.getgrgid(account.pw_gid).gr_name
     except KeyError:
         group = None
-    project = environ.get("LSB_PROJECT_NAME") or None
     walltime = _hint_int(environ, "BLAHVM_WALLTIME")
     memory = _hint_int(environ, "BLAHVM_MEMORY")
     submission = Submission(
         queue=queue, user=account.pw_name, group=group,
-        account=None if project == LSF_DEFAULT_PROJECT else project,
+        account=None if project in (None, "", LSF_DEFAULT_PROJECT) else project,
         walltime=None if walltime is None else Duration(walltime),
         memory=None if memory is None else Size(memory),
         cores=cores_here(environ),
@@ -152,15 +198,18 @@ def _config_problem(error: Exception) -> str:
 
 # -- PRE_EXEC ------------------------------------------------------------------------------------
 
-def pre_exec(config: str, environ: Optional[Mapping[str, str]] = None) -> int:
-    """Prepare the job's guest: 0 to run, 1 to re-pend (elsewhere, later), 99 to end the job."""
+def pre_exec(config: str, bjobs: str = "bjobs", lsf_envdir: Optional[str] = None,
+             environ: Optional[Mapping[str, str]] = None) -> int:
+    """Prepare the job's guest: 0 to run, 1 to re-pend (elsewhere, later), 99 to end the job.
+    ``bjobs`` (and ``lsf_envdir``, fixed at install) is how the job's project is asked of LSF."""
     from blahvm.batch.hook import run_hook
 
     environ = os.environ if environ is None else environ
-    return run_hook("pre-exec", lambda: _pre_exec(config, environ), on_error=PRE_EXEC_RETRY)
+    return run_hook("pre-exec", lambda: _pre_exec(config, environ, bjobs, lsf_envdir), on_error=PRE_EXEC_RETRY)
 
 
-def _pre_exec(config_path: str, environ: Mapping[str, str]) -> int:
+def _pre_exec(config_path: str, environ: Mapping[str, str], bjobs: str = "bjobs",
+              lsf_envdir: Optional[str] = None) -> int:
     from blahvm.batch.log import log_event
     from blahvm.errors import ConfigError
     from blahvm.lifecycle import prepare
@@ -173,7 +222,12 @@ def _pre_exec(config_path: str, environ: Mapping[str, str]) -> int:
         return PRE_EXEC_RETRY
     log_file = config.host.log_file
     try:
-        job = lsf_job(config, environ)
+        project = project_from_lsf(job_id_of(environ), bjobs, lsf_envdir)
+        job = lsf_job(config, environ, project)
+    except LsfUnavailable as error:
+        log_event("pre-exec", f"{error}: re-pending", job_id=environ.get("LSB_JOBID"), log_file=log_file)
+        _say(str(error))
+        return PRE_EXEC_RETRY
     except NotRunnable as error:
         log_event("pre-exec", f"{error}: ending the job", job_id=environ.get("LSB_JOBID"), log_file=log_file)
         _say(str(error))
@@ -188,6 +242,25 @@ def _pre_exec(config_path: str, environ: Mapping[str, str]) -> int:
 
 
 # -- JOB_STARTER ---------------------------------------------------------------------------------
+
+def starter_job(environ: Mapping[str, str]):
+    """The ``Job`` the starter launches into: PRE_EXEC routed and prepared it (as root, with LSF's
+    facts); the starter, run as the job's user, needs only its id, its user and its directory."""
+    from blahvm.model import Decision, Job
+    from blahvm.quantities import Size
+
+    job_id = job_id_of(environ)
+    account = job_user(environ)
+    placeholder = Decision(queue=environ.get("LSB_QUEUE", ""), environment="", rule="", vo=None, memory=Size(0),
+                           vcpus=1)
+    return Job(job_id=job_id, user=account.pw_name, decision=placeholder, uid=account.pw_uid, gid=account.pw_gid,
+               workdir=workdir_of(environ, account.pw_uid), name=environ.get("LSB_JOBNAME") or None)
+
+
+def exec_size(command: Sequence[str], env: Mapping[str, str]) -> int:
+    """What the command and environment take in the agent's exec message (its JSON, ASCII-escaped)."""
+    return len(json.dumps({"argv": list(command), "env": dict(env)}, ensure_ascii=True, separators=(",", ":")))
+
 
 def payload(argv: Sequence[str]) -> Tuple[list, Optional[str]]:
     """(argv to run in the guest, a script file to feed it on stdin or None).
@@ -234,7 +307,7 @@ def _job_starter(config_path: str, argv: Sequence[str], environ: Mapping[str, st
         _say(f"{_config_problem(error)}: the job did not run")
         return STARTER_FAILED
     try:
-        job = lsf_job(config, environ)
+        job = starter_job(environ)
         command, script = payload(argv)
     except NotRunnable as error:
         _say(f"{error}: the job did not run")
@@ -246,6 +319,11 @@ def _job_starter(config_path: str, argv: Sequence[str], environ: Mapping[str, st
         except UnicodeEncodeError:
             continue
         env[key] = value
+    size = exec_size(command, env)
+    if size > MAX_EXEC_BYTES:
+        _say(f"job {job.job_id}: the command and its environment take {size} bytes, more than the "
+             f"{MAX_EXEC_BYTES} a guest accepts: the job did not run (unset large variables before bsub)")
+        return STARTER_FAILED
     stdin_fd = None
     try:
         if script is not None:
