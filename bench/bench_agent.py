@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-from blahvm.guest import agent
+from blahvm.guest import agent, control
 from blahvm.guest.client import run_payload, wait_ready
 
 TARGET_ROUND_TRIP_MS = 50.0
@@ -60,10 +60,13 @@ def local_agent(directory):
     script = os.path.join(directory, "agent.py")
     shutil.copy(agent.__file__, script)
     sock = os.path.join(directory, "agent.0.sock")
+    ctl = os.path.join(directory, "control.sock")
     process = subprocess.Popen(
-        [shutil.which("python3", path="/usr/bin:/bin") or sys.executable, "-I", script, "--listen", sock],
+        [shutil.which("python3", path="/usr/bin:/bin") or sys.executable, "-I", script, "--listen", sock,
+         "--control-listen", ctl],
         stderr=subprocess.DEVNULL,
     )
+    control.bind(ctl, control.Identity(os.getuid(), os.getgid(), (os.getgid(),)), timeout=30)  # as prepare does
     wait_ready(sock, timeout=30)
     return process, sock
 

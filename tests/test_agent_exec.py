@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blahvm.guest import agent
+from blahvm.guest import agent, control
 from blahvm.guest.client import AgentError, AgentTimeout, acquire_port, run_payload, wait_ready
 from blahvm.guest.protocol import (
     CONTROL,
@@ -35,34 +35,46 @@ CLIENT_SCRIPT = (
     "sys.exit(run_payload(sys.argv[1], sys.argv[2:], ready_timeout=60))\n"
 )
 SOCKETS = 2
+ROOT = control.Identity(0, 0, (0,))  # the plumbing tests' job is root's: they read and signal anything
+NOBODY = control.Identity(65534, 65534, (65534,))
 NONCE = "0123456789abcdef" * 2
+
+
+def start_agent(directory, identity, sockets=SOCKETS, preexec_fn=None):
+    """A copy of agent.py alone, run by the system python3 in isolated mode (what a guest image
+    runs, with nothing of blahvm importable), serving agent.N.sock in ``directory`` and bound to
+    ``identity`` over its control socket; the process."""
+    script = os.path.join(directory, "agent.py")
+    shutil.copy(agent.__file__, script)
+    paths = [agent_socket_path(directory, i) for i in range(sockets)]
+    command = [GUEST_PYTHON, "-I", script, "--control-listen", os.path.join(directory, "control.sock")]
+    for path in paths:
+        command += ["--listen", path]
+    with open(os.path.join(directory, "agent.log"), "ab") as log:
+        process = subprocess.Popen(command, stderr=log, cwd="/", preexec_fn=preexec_fn)
+    try:
+        if identity is not None:
+            control.bind(os.path.join(directory, "control.sock"), identity, timeout=60)
+        for path in paths:
+            wait_ready(path, timeout=60)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return process
 
 
 @pytest.fixture(scope="module")
 def run_dir():
-    """A job's run directory with an agent serving agent.0.sock and agent.1.sock.
-
-    The agent is a copy of agent.py alone, run by the system python3 in isolated mode: what a
-    guest image runs, with nothing of blahvm importable.
-    """
+    """A job's run directory with an agent serving agent.0.sock and agent.1.sock, bound to root."""
     directory = tempfile.mkdtemp(prefix="blahvm-agent-test-")
     os.chmod(directory, 0o755)
-    script = os.path.join(directory, "agent.py")
-    shutil.copy(agent.__file__, script)
-    sockets = [agent_socket_path(directory, i) for i in range(SOCKETS)]
-    command = [GUEST_PYTHON, "-I", script]
-    for path in sockets:
-        command += ["--listen", path]
-    log = open(os.path.join(directory, "agent.log"), "wb")
-    process = subprocess.Popen(command, stderr=log, cwd="/")
+    process = start_agent(directory, ROOT)
     try:
-        for path in sockets:
-            wait_ready(path, timeout=60)
         yield directory
     finally:
         process.kill()
         process.wait()
-        log.close()
         shutil.rmtree(directory)
 
 
@@ -404,19 +416,133 @@ def test_acquire_port_without_sockets_is_an_error(tmp_path):
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
 
 
+@pytest.fixture(scope="module")
+def nobody_run_dir():
+    """An agent bound to run the job of nobody (65534), as prepare binds a job's guest."""
+    directory = tempfile.mkdtemp(prefix="blahvm-agent-test-")
+    os.chmod(directory, 0o755)
+    process = start_agent(directory, NOBODY, sockets=1)
+    try:
+        yield directory
+    finally:
+        process.kill()
+        process.wait()
+        shutil.rmtree(directory)
+
+
+@pytest.fixture
+def nobody_sock(nobody_run_dir):
+    return agent_socket_path(nobody_run_dir, 0)
+
+
 @needs_root
-def test_runs_as_the_given_user_and_group(sock):
-    code, out, _ = run(sock, ["sh", "-c", "id -u; id -g; id -G"], uid=65534, gid=65534)
+def test_runs_as_the_bound_user_and_group_when_the_request_names_none(nobody_sock):
+    code, out, _ = run(nobody_sock, ["sh", "-c", "id -u; id -g; id -G"])
     assert (code, out) == (0, b"65534\n65534\n65534\n")
+    assert run(nobody_sock, ["id", "-u"], uid=65534, gid=65534)[:2] == (0, b"65534\n")
 
 
 @needs_root
-def test_cwd_is_entered_with_the_users_rights(sock, tmp_path):
+@pytest.mark.parametrize("ids", [dict(uid=0), dict(uid=0, gid=0), dict(uid=1000), dict(uid=65534, gid=0)])
+def test_the_socket_holder_cannot_choose_another_identity(nobody_sock, ids):
+    """The attack of the job's user with its own socket: asking for root (or anyone else) is refused."""
+    with pytest.raises(AgentError, match="refusing"):
+        run(nobody_sock, ["id"], **ids)
+
+
+@needs_root
+def test_a_hand_written_exec_without_ids_runs_as_the_bound_user(nobody_sock):
+    """A raw client on the socket, sending no uid at all, gets the job's user, never the agent's root."""
+    frames = []
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.settimeout(60)
+        raw.connect(nobody_sock)
+        raw.sendall(open_frame(NONCE))
+        decoder = FrameDecoder()
+
+        def until(kind_type):
+            while not any(f[0] == CONTROL and f[1]["type"] == kind_type for f in frames):
+                frames.extend(decoder.feed(raw.recv(65536)))
+            return next(f[1] for f in frames if f[0] == CONTROL and f[1]["type"] == kind_type)
+
+        hello = until("hello")
+        raw.sendall(encode_control({"type": "exec", "session": hello["session"], "argv": ["id", "-u"]}))
+        payload = until("exit")
+    out = b"".join(data for kind, data in frames if kind != CONTROL)
+    assert out == b"65534\n" and payload["code"] == 0
+
+
+@needs_root
+def test_the_job_cannot_bind_itself_through_its_own_socket(nobody_sock):
+    with pytest.raises(AgentError, match="not served"):
+        control.bind(nobody_sock, ROOT, timeout=10)
+    assert run(nobody_sock, ["id", "-u"])[:2] == (0, b"65534\n")
+
+
+@needs_root
+def test_the_first_bind_wins(nobody_run_dir):
+    ctl = os.path.join(nobody_run_dir, "control.sock")
+    control.bind(ctl, NOBODY, timeout=10)  # the same again: idempotent, as a re-run prepare does
+    with pytest.raises(AgentError, match="already bound to 65534:65534"):
+        control.bind(ctl, ROOT, timeout=10)
+
+
+@needs_root
+def test_root_only_where_the_bind_allows_it(tmp_path):
+    directory = str(tmp_path)
+    os.chmod(directory, 0o755)
+    process = start_agent(directory, control.Identity(65534, 65534, (65534,), root=True), sockets=1)
+    try:
+        sock = agent_socket_path(directory, 0)
+        assert run(sock, ["id", "-u"])[:2] == (0, b"65534\n")
+        assert run(sock, ["id", "-u"], uid=0)[:2] == (0, b"0\n")
+        with pytest.raises(AgentError, match="refusing"):
+            run(sock, ["id"], uid=1000)
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_an_unbound_agent_runs_nothing(tmp_path):
+    directory = str(tmp_path)
+    process = start_agent(directory, None, sockets=1)
+    try:
+        with pytest.raises(AgentError, match="not been told whose job"):
+            run(agent_socket_path(directory, 0), ["true"])
+    finally:
+        process.kill()
+        process.wait()
+
+
+@needs_root
+def test_cwd_is_entered_with_the_users_rights(nobody_sock, tmp_path):
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
-    code, _, err = run(sock, ["pwd"], uid=65534, gid=65534, cwd=str(private))
+    code, _, err = run(nobody_sock, ["pwd"], cwd=str(private))
     assert code == 126 and b"Permission denied" in err
 
 
 def test_the_socket_is_private(sock):
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+
+
+def _ignore_and_block():
+    """What nohup, a cron or an init script may hand the agent: signals ignored and blocked."""
+    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1, signal.SIGUSR2])
+
+
+def test_the_payload_starts_with_default_signals_whatever_the_agent_inherited(tmp_path):
+    directory = str(tmp_path)
+    process = start_agent(directory, ROOT, sockets=1, preexec_fn=_ignore_and_block)
+    try:
+        sock = agent_socket_path(directory, 0)
+        code, out, _ = run(sock, ["grep", "-E", "^Sig(Ign|Blk):", "/proc/self/status"])
+        assert code == 0 and out == b"SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
+        # and so a shell can trap HUP (POSIX forbids trapping a signal ignored on entry)
+        trap = "trap 'echo trapped; exit 3' HUP; kill -HUP $$; sleep 5"
+        assert run(sock, ["sh", "-c", trap])[:2] == (3, b"trapped\n")
+    finally:
+        process.kill()
+        process.wait()

@@ -16,7 +16,8 @@ import uuid
 
 import pytest
 
-from blahvm.guest.client import run_payload, wait_ready
+from blahvm.guest import control
+from blahvm.guest.client import AgentError, run_payload, wait_ready
 from blahvm.guest.protocol import agent_socket_path
 from tests.test_agent_exec import run as run_captured
 
@@ -29,7 +30,8 @@ RUN_TIMEOUT = 120
 
 @pytest.fixture(scope="module")
 def guest_socket(demo_image):
-    """The host end of org.blahvm.agent.0 of a running demo guest."""
+    """The host end of org.blahvm.agent.0 of a running demo guest, bound over its control port to
+    run the job of nobody, which may ask for root."""
     libvirt = pytest.importorskip("libvirt")
     from blahvm.hypervisor.domain import (BackingFile, DiskSpec, GuestMetadata, GuestSpec, build_domain_xml,
                                           guest_uuid)
@@ -55,6 +57,7 @@ def guest_socket(demo_image):
         metadata=GuestMetadata(job_id="agent-test", user="root", environment="demo", host="localhost",
                                created=int(time.time())),
         agent_sockets=(agent_socket_path(run_dir, 0),),
+        control_socket=os.path.join(run_dir, "control.sock"),
         kernel=demo_image.kernel,
         initrd=demo_image.initrd,
         cmdline=demo_image.cmdline + " blahvm.hostname=agenttest",
@@ -68,6 +71,7 @@ def guest_socket(demo_image):
         hello = wait_ready(agent_socket_path(run_dir, 0), timeout=BOOT_TIMEOUT)
         print("boot to agent hello: %.1fs" % (time.monotonic() - started))
         assert hello.hostname == "agenttest"
+        control.bind(os.path.join(run_dir, "control.sock"), control.Identity(65534, 65534, (65534,), root=True), 60)
         yield agent_socket_path(run_dir, 0)
     finally:
         try:
@@ -102,8 +106,11 @@ def test_exit_codes_and_signals(guest_socket):
     assert run(guest_socket, ["sh", "-c", "kill -TERM $$"])[0] == 128 + 15
 
 
-def test_runs_as_the_given_user(guest_socket):
-    assert run(guest_socket, ["sh", "-c", "id -u; id -g"], uid=65534, gid=65534) == (0, b"65534\n65534\n", b"")
+def test_runs_as_the_bound_user_and_root_only_as_allowed(guest_socket):
+    assert run(guest_socket, ["sh", "-c", "id -u; id -g"]) == (0, b"65534\n65534\n", b"")
+    assert run(guest_socket, ["id", "-u"], uid=0) == (0, b"0\n", b"")
+    with pytest.raises(AgentError, match="refusing to run as uid 1000"):
+        run(guest_socket, ["id"], uid=1000)
 
 
 def test_a_killed_client_kills_the_payload_and_the_port_serves_again(guest_socket):

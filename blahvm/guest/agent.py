@@ -10,7 +10,11 @@ Usage (see docs/agent.md):
   agent.py --port 'org.blahvm.agent.*'     serve every port whose name matches, as they appear
   agent.py --device /dev/vport0p1          serve an already known character device
   agent.py --listen /tmp/agent.sock        serve a UNIX socket (development and tests on a host)
+  agent.py --control-listen /tmp/ctl.sock  serve a UNIX socket as the control port (tests on a host)
 Each option may be repeated; every port is served by its own thread, one host connection at a time.
+With --port, the control port org.blahvm.control is always served too: over it, and only over it,
+root on the host tells the agent whose job the guest runs (bind). Until then no payload runs, and
+then only as that identity (or as root where the host allowed it).
 """
 
 import argparse
@@ -18,7 +22,6 @@ import errno
 import fnmatch
 import json
 import os
-import pwd
 import queue
 import select
 import signal
@@ -321,6 +324,89 @@ def log(where, message):
             pass
 
 
+# -- whose job this guest runs ---------------------------------------------------------------------
+# Root on the host decides the payload's identity and tells the agent over the control port, whose
+# host end only root can reach. Whoever holds an agent port's socket is the job's user, so an exec
+# request cannot choose who it runs as: it may only repeat the bound identity (or ask for root where
+# the host allowed it). The first bind wins for the guest's life; a later, different one is refused.
+
+CONTROL_PORT = "org.blahvm.control"
+
+
+class Identity(object):
+    """uid, gid and supplementary groups of the job's payload, and whether it may ask for root."""
+
+    def __init__(self, uid, gid, groups, root):
+        self.uid, self.gid, self.groups, self.root = uid, gid, tuple(sorted(set(groups))), root
+
+    @classmethod
+    def from_message(cls, message):
+        uid = _id(message.get("uid"), "uid")
+        gid = _id(message.get("gid"), "gid")
+        groups = message.get("groups")
+        if uid is None or gid is None:
+            raise RequestError("a bind names both uid and gid")
+        if not isinstance(groups, list):
+            raise RequestError("groups must be a list of integers")
+        root = message.get("root", False)
+        if not isinstance(root, bool):
+            raise RequestError("root must be true or false")
+        return cls(uid, gid, [_id(g, "groups[]") for g in groups if g is not None] + [gid], root)
+
+    def as_message(self):
+        return {"uid": self.uid, "gid": self.gid, "groups": list(self.groups), "root": self.root}
+
+    def __eq__(self, other):
+        return isinstance(other, Identity) and self.as_message() == other.as_message()
+
+    def __ne__(self, other):
+        return not self == other
+
+    def describe(self):
+        return "%d:%d%s" % (self.uid, self.gid, " (root allowed)" if self.root else "")
+
+
+class Binding(object):
+    """The identity this guest's payloads run as, set once by root over the control port."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._identity = None
+
+    def bind(self, identity):
+        """None once ``identity`` is bound (again); the reason if another one already is."""
+        with self._lock:
+            if self._identity is None:
+                self._identity = identity
+            if self._identity != identity:
+                return "this guest is already bound to %s" % self._identity.describe()
+            return None
+
+    def get(self):
+        with self._lock:
+            return self._identity
+
+
+BINDING = Binding()
+
+
+def permitted(request, bound):
+    """(uid, gid, groups) the request may run as under ``bound``; RequestError if none."""
+    if bound is None:
+        raise RequestError("this guest has not been told whose job it runs: nothing runs before the host binds it")
+    if request.uid is None or request.uid == bound.uid:
+        if request.gid not in (None, bound.gid):
+            raise RequestError("refusing gid %d: this guest runs its job as gid %d" % (request.gid, bound.gid))
+        if request.groups is not None and tuple(sorted(set(request.groups))) != bound.groups:
+            raise RequestError("refusing groups %s: this guest's job has groups %s"
+                               % (sorted(set(request.groups)), list(bound.groups)))
+        return bound.uid, bound.gid, list(bound.groups)
+    if request.uid == 0 and bound.root:
+        return 0, 0, [0]
+    raise RequestError("refusing to run as uid %d: this guest runs the job of uid %d only"
+                       % (request.uid, bound.uid))
+
+
 # -- exec requests -------------------------------------------------------------------------------
 
 
@@ -366,42 +452,50 @@ class ExecRequest(object):
             self.env[raw_key] = _text(value, "env[%s]" % key)
         cwd = message.get("cwd")
         self.cwd = None if cwd is None else _text(cwd, "cwd")
+        # what the request asks to run as; ``permitted`` decides what it runs as
         self.uid = _id(message.get("uid"), "uid")
         self.gid = _id(message.get("gid"), "gid")
-        if self.uid is not None and self.gid is None:
-            try:
-                self.gid = pwd.getpwuid(self.uid).pw_gid
-            except KeyError:
-                raise RequestError("uid %d has no entry in the guest's passwd: give gid too" % self.uid)
         groups = message.get("groups")
         if groups is None:
-            self.groups = None if self.gid is None else [self.gid]
+            self.groups = None
         elif isinstance(groups, list) and None not in groups:
             self.groups = [_id(g, "groups[]") for g in groups]
         else:
             raise RequestError("groups must be a list of integers")
         self.stdin = bool(message.get("stdin", False))
+        self.identity = None  # (uid, gid, groups), set once permitted
 
     def describe(self):
-        who = "" if self.uid is None else " as %d:%d" % (self.uid, self.gid)
-        return "%s%s" % (self.argv[0].decode("utf-8", "replace"), who)
+        uid, gid, _ = self.identity
+        return "%s as %d:%d" % (self.argv[0].decode("utf-8", "replace"), uid, gid)
+
+
+def _default_signals():
+    """Default dispositions and an empty mask, whatever the agent inherited (a shell cannot trap
+    a signal that was ignored when it started)."""
+    for signum in range(1, signal.NSIG):
+        try:
+            signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError, RuntimeError):
+            pass  # SIGKILL, SIGSTOP, the C library's own
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
 def _switch_identity(request):
-    """The payload's preexec step: drop to the job's user, then enter its working directory.
+    """The payload's preexec step: default signals, drop to the permitted identity, enter its
+    working directory.
 
     The chdir comes after the switch so the directory is checked with the user's rights.
     A failure is reported on the payload's stderr and ends it with 126, as a shell would.
     """
+    uid, gid, groups = request.identity
 
     def preexec():
         try:
-            if request.groups is not None:
-                os.setgroups(request.groups)
-            if request.gid is not None:
-                os.setgid(request.gid)
-            if request.uid is not None:
-                os.setuid(request.uid)
+            _default_signals()
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
             if request.cwd is not None:
                 os.chdir(request.cwd)
         except OSError as error:
@@ -441,8 +535,9 @@ class Port(object):
     channel, so signals and the host's departure are always seen.
     """
 
-    def __init__(self, channel):
+    def __init__(self, channel, control=False):
         self.channel = channel
+        self.control = control  # the control port binds; it runs nothing
         self.where = channel.name
         self.decoder = FrameDecoder()
         self.scanned = b""  # the tail of the input that may begin an open frame
@@ -581,13 +676,14 @@ class Port(object):
         if what == "open":
             # a new host: the previous one left without the port showing it
             self._open(payload.get("nonce") if isinstance(payload.get("nonce"), str) else "")
+        elif what in ("exec", "bind") and payload.get("session") != self.token:
+            log(self.where, "ignoring a %s request of an earlier session" % what)
+        elif what == "bind" or (what == "exec" and self.control):
+            self._control(payload)
         elif what == "exec":
-            if payload.get("session") != self.token:
-                log(self.where, "ignoring an exec request of an earlier session")
-            elif self.run is not None:
+            if self.run is not None:
                 raise ProtocolError("one exec per session")
-            else:
-                self._exec(payload)
+            self._exec(payload)
         elif what == "signal":
             signum = payload.get("signal")
             if self.run is not None and isinstance(signum, int) and not isinstance(signum, bool):
@@ -597,9 +693,27 @@ class Port(object):
         else:
             log(self.where, "ignoring a %r message" % what)
 
+    def _control(self, message):
+        """A bind on the control port; anything else there, or a bind elsewhere, is refused."""
+        try:
+            if not self.control or message["type"] != "bind":
+                raise RequestError("%s requests are not served on %s" % (message["type"], self.where))
+            identity = Identity.from_message(message)
+            problem = BINDING.bind(identity)
+            if problem is not None:
+                raise RequestError(problem)
+        except RequestError as error:
+            text = "bad %s request: %s" % (message["type"], error)
+            log(self.where, text)
+            self._send(encode_control({"type": "error", "message": text}))
+            return
+        log(self.where, "bound to %s, groups %s" % (identity.describe(), list(identity.groups)))
+        self._send(encode_control(dict(identity.as_message(), type="bound")))
+
     def _exec(self, message):
         try:
             request = ExecRequest(message)
+            request.identity = permitted(request, BINDING.get())
         except RequestError as error:
             text = "bad exec request: %s" % error
             log(self.where, text)
@@ -783,10 +897,10 @@ def serve_device(path, name):
     channel = Channel(fd, name, reconnects=True)
     channel.wait_for_host(None)
     log(name, "host connected")
-    Port(channel).serve()
+    Port(channel, control=(name == CONTROL_PORT)).serve()
 
 
-def serve_listen(path):
+def serve_listen(path, control=False):
     """Serve a UNIX socket (mode 0600), one connection at a time, like a virtio port."""
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -806,9 +920,13 @@ def serve_listen(path):
         connection, _ = server.accept()
         connection.setblocking(False)
         try:
-            Port(Channel(connection.fileno(), path)).serve()
+            Port(Channel(connection.fileno(), path), control=control).serve()
         finally:
             connection.close()
+
+
+def serve_control_listen(path):
+    serve_listen(path, control=True)
 
 
 VIRTIO_PORTS = "/sys/class/virtio-ports"
@@ -878,6 +996,8 @@ def main(argv=None):
                         help="character device to serve; repeatable")
     parser.add_argument("--listen", action="append", default=[], metavar="PATH",
                         help="UNIX socket to serve (development, tests); repeatable")
+    parser.add_argument("--control-listen", action="append", default=[], metavar="PATH",
+                        help="UNIX socket to serve as the control port (development, tests); repeatable")
     parser.add_argument("--version", action="version", version="blahvm-agent %s" % AGENT_VERSION)
     options = parser.parse_args(argv)
     if not (options.port or options.device or options.listen):
@@ -885,10 +1005,12 @@ def main(argv=None):
     threads = []
     for path in options.listen:
         threads.append(_start(serve_listen, path))
+    for path in options.control_listen:
+        threads.append(_start(serve_control_listen, path))
     for path in options.device:
         threads.append(_start(serve_device, path, path))
-    if options.port:
-        threads.append(_start(watch_ports, options.port))
+    if options.port:  # the control port is served whatever the patterns say
+        threads.append(_start(watch_ports, options.port + [CONTROL_PORT]))
     try:
         while any(thread.is_alive() for thread in threads):
             time.sleep(1.0)

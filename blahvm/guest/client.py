@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import glob
+import fnmatch
 import os
 import select
 import signal
@@ -175,9 +175,9 @@ def _hello(connection: _Connection, deadline: float, timeout: float) -> Hello:
                 raise AgentError(f"agent at {connection.where}: {error}") from None
 
 
-def wait_ready(socket_path: str, timeout: float) -> Hello:
-    """Wait until the agent behind ``socket_path`` says hello (retrying while the socket is not
-    there yet or refuses), then hang up. For ``prepare``: is the guest ready for its job?"""
+def open_session(socket_path: str, timeout: float) -> Tuple[_Connection, Hello]:
+    """A connection to the agent behind ``socket_path`` with a session open, retrying while the
+    socket is not there yet or refuses; AgentTimeout after ``timeout`` seconds. The caller closes it."""
     deadline = time.monotonic() + timeout
     last_error = "no answer"
     while True:
@@ -193,11 +193,17 @@ def wait_ready(socket_path: str, timeout: float) -> Hello:
             time.sleep(min(0.05, max(remaining, 0)))
             continue
         try:
-            return _hello(connection, deadline, timeout)
+            return connection, _hello(connection, deadline, timeout)
         except AgentError as error:  # e.g. reset while the guest's agent (re)starts: ask again until the deadline
             last_error = str(error)
-        finally:
             connection.close()
+
+
+def wait_ready(socket_path: str, timeout: float) -> Hello:
+    """Wait until the agent behind ``socket_path`` says hello, then hang up."""
+    connection, hello = open_session(socket_path, timeout)
+    connection.close()
+    return hello
 
 
 # -- running a payload ---------------------------------------------------------------------------
@@ -397,7 +403,7 @@ def acquire_port(run_dir: str, timeout: float = 10.0) -> Iterator[str]:
     while True:
         sockets = _agent_sockets(run_dir)
         if not sockets:
-            raise AgentError(f"no agent sockets (agent.N.sock) in {run_dir}")
+            raise AgentError(f"no agent sockets (agent.N.sock) in {run_dir}: the guest is not prepared on this host")
         for path in sockets:
             fd = _try_lock(path + ".lock")
             if fd is None:
@@ -417,8 +423,12 @@ def _agent_sockets(run_dir: str) -> list:
         middle = os.path.basename(path)[len("agent.") : -len(".sock")]
         return int(middle) if middle.isdigit() else -1
 
-    paths = [p for p in glob.glob(os.path.join(glob.escape(run_dir), "agent.*.sock")) if index(p) >= 0]
-    return sorted(paths, key=index)
+    try:  # glob would hide why nothing is found
+        names = os.listdir(run_dir)
+    except OSError as error:
+        raise AgentError(f"cannot read the job's run directory {run_dir}: {error.strerror}") from None
+    paths = [os.path.join(run_dir, name) for name in names if fnmatch.fnmatchcase(name, "agent.*.sock")]
+    return sorted((p for p in paths if index(p) >= 0), key=index)
 
 
 def _try_lock(lock_path: str) -> Optional[int]:
