@@ -118,7 +118,7 @@ def assert_refused(*arguments: str) -> None:
 def test_stage_two_mounts_the_decoded_path_before_the_agent_starts():
     init = guest_init.root_init(["virtio_console", "fuse", "virtiofs"])
     assert f"'{guest_init.WORKDIR_DECODER}'" in init
-    mount = init.index(f'mount -t virtiofs {guest_init.WORKDIR_TAG} "$workdir"')
+    mount = init.index(f"mount -t virtiofs -o nosuid,nodev {guest_init.WORKDIR_TAG} \"$workdir\"")
     assert mount < init.index(guest_init.READY_LINE) < init.index(f"python3 {guest_init.AGENT_PATH}")
 
 

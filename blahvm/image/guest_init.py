@@ -23,6 +23,7 @@ AGENT_PORTS = "org.blahvm.agent.*"  # every agent port the guest has: one per ta
 HOSTNAME_ARGUMENT = "blahvm.hostname"  # kernel command line: blahvm.hostname=NAME
 WORKDIR_ARGUMENT = "blahvm.workdir"  # kernel command line: blahvm.workdir=<hex of the UTF-8 path>
 WORKDIR_TAG = "blahvm-workdir"  # the virtiofs tag of the job's directory
+WORKDIR_MOUNT_OPTIONS = "nosuid,nodev"  # how stage two mounts it
 MAX_WORKDIR_BYTES = 768  # hex doubles it; a kernel command line holds 2047 bytes in all
 
 # Run in the guest as ``python3 -c WORKDIR_DECODER HEX``: prints the path (raw bytes, no newline)
@@ -143,7 +144,9 @@ ip link set lo up 2>/dev/null
 if [ -n "$workdir_hex" ]; then  # a job without its files must not run: stop the guest instead
     workdir=$(python3 -c {_quoted_decoder()} "$workdir_hex") || fail "cannot decode the job's directory"
     mkdir -p -- "$workdir" || fail "cannot create the job's directory"
-    mount -t virtiofs {WORKDIR_TAG} "$workdir" || fail "cannot mount the job's directory ({WORKDIR_TAG})"
+    # nosuid,nodev: a set-id file or device node in the job's files means nothing in its guest either
+    mount -t virtiofs -o {WORKDIR_MOUNT_OPTIONS} {WORKDIR_TAG} "$workdir" \
+        || fail "cannot mount the job's directory ({WORKDIR_TAG})"
 fi
 echo "{READY_LINE}"
 if [ -f {AGENT_PATH} ]; then
