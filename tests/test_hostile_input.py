@@ -469,3 +469,56 @@ def test_a_hypervisor_timeout_past_a_day_is_refused_by_check_and_every_command(t
         assert err.startswith(f"{config}:1: hypervisor.timeout: ") and "longer than 1d" in err, err
     assert blahvm_cli("check", "--config", small_site(tmp_path, timeout="2d"))[0] == 2
     assert blahvm_cli("check", "--config", small_site(tmp_path, timeout="1d"))[0] == 0
+
+
+# -- user text reaches the terminal and the logs as one line without control characters ----------------
+
+HOSTILE_JOB_ID = "a\nb\x1b[31mred\u2028x"
+SHOWN_JOB_ID = "a\\nb\\x1b[31mred\\u2028x"
+
+
+def no_control_characters(text: str) -> None:
+    for line in text.splitlines():
+        assert line.isprintable(), repr(line)
+
+
+def test_a_job_id_with_newlines_and_escapes_stays_one_escaped_line_everywhere(tmp_path):
+    with open(tmp_path / "golden.raw", "wb") as stream:
+        stream.truncate(1024 * 1024)
+    config = small_site(tmp_path)
+    code, out, err = blahvm_cli("prepare", "--config", config, "--job-id", HOSTILE_JOB_ID, "--user", "nobody",
+                                "--no-wait")
+    assert code == 0 and out == "", err
+    lines = err.splitlines()
+    assert len(lines) == 4 and all(line.startswith(f"blahvm: job {SHOWN_JOB_ID}: ") for line in lines), err
+    no_control_characters(err)
+    # test:///default forgets the guest with the process: the entry is what reap closes
+    code, out, err = blahvm_cli("guests", "--config", config)
+    assert code == 0 and out.splitlines()[1].startswith(SHOWN_JOB_ID + "  ")
+    no_control_characters(out + err)
+    code, out, err = blahvm_cli("reap", "--config", config)
+    assert code == 0 and out.splitlines()[0] == f"closed entry {SHOWN_JOB_ID}", out
+    no_control_characters(out + err)
+    code, out, err = blahvm_cli("teardown", "--config", config, "--job-id", HOSTILE_JOB_ID)
+    assert code == 0 and one_short_line(err).startswith(f"blahvm: job {SHOWN_JOB_ID}: ")
+    no_control_characters(err)
+
+
+@pytest.mark.parametrize("argv", [["teardown", "--job-id", b"\xed\xb3\xbf"],
+                                  ["prepare", "--job-id", b"7\xff", "--user", "nobody"],
+                                  ["prepare", "--job-id", "7", "--user", "nobody", "--name", b"\xed\xb3\xbf"],
+                                  ["run", "--user", b"\xed\xb3\xbf", "--", "true"]])
+def test_argv_that_is_not_utf8_is_bad_input(tmp_path, argv):
+    code, out, err = blahvm_cli(*argv, "--config", small_site(tmp_path))
+    assert code == 2 and out == ""
+    assert one_short_line(err).endswith("is not UTF-8 text"), err
+
+
+def test_log_lines_escape_user_text():
+    from blahvm.batch.log import format_event
+
+    line = format_event("prologue", f"prepared {HOSTILE_JOB_ID}\x1b]0;owned\x07", job_id=HOSTILE_JOB_ID,
+                        user="x\x1b[2J")
+    assert line.isprintable() and "\x1b" not in line
+    # the fields keep every character, escaped; the message has its whitespace folded to spaces
+    assert line == "prologue: job='a\\nb\\x1b[31mred\\u2028x' user='x\\x1b[2J' prepared a b\\x1b[31mred x\\x1b]0;owned\\x07"

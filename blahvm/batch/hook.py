@@ -6,6 +6,7 @@ import os
 import sys
 
 from blahvm.batch.log import log_event
+from blahvm.errors import printable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ def run_hook(hook: str, body: "Callable[[], int]", on_error: int, log_file: "Opt
         log_event(hook, message, log_file=log_file)
         if stderr:
             try:
-                os.write(2, f"blahvm {hook}: {' '.join(message.split())}\n".encode("utf-8", "replace"))
+                os.write(2, f"blahvm {hook}: {printable(' '.join(message.split()))}\n".encode("utf-8", "replace"))
             except OSError:
                 pass
         return on_error

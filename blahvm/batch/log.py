@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import time
 
+from blahvm.errors import printable
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Optional
@@ -19,12 +21,13 @@ def _field(name: str, value: "Optional[str]") -> str:
     if value is None:
         return ""
     # user-controlled text stays on one line and cannot forge fields
-    return f" {name}={value!r}" if any(c.isspace() or c in "='\"" for c in value) else f" {name}={value}"
+    forging = not value.isprintable() or any(c.isspace() or c in "='\"" for c in value)
+    return f" {name}={value!r}" if forging else f" {name}={value}"
 
 
 def format_event(hook: str, message: str, job_id=None, user=None, vo=None, guest=None) -> str:
     fields = "".join(_field(k, v) for k, v in (("job", job_id), ("user", user), ("vo", vo), ("guest", guest)))
-    return f"{hook}:{fields} {' '.join(str(message).split())}"
+    return f"{hook}:{fields} {printable(' '.join(str(message).split()))}"
 
 
 def log_event(hook: str, message: str, job_id=None, user=None, vo=None, guest=None,

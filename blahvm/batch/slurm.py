@@ -22,6 +22,7 @@ import sys
 
 from blahvm.batch.hook import run_hook
 from blahvm.batch.log import log_event
+from blahvm.errors import printable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ TASK_FAILED = 255  # the job never ran in its guest
 
 def _say(line: str) -> None:
     try:
-        os.write(2, f"{' '.join(line.split())}\n".encode("utf-8", "replace"))
+        os.write(2, f"{printable(' '.join(line.split()))}\n".encode("utf-8", "replace"))
     except OSError:
         pass
 

@@ -13,6 +13,7 @@ import time
 
 from blahvm.cli.common import add_config_option, resolved_config_path
 from blahvm.cli.outcomes import EXIT_OK, exit_code, step
+from blahvm.errors import printable
 
 COLUMNS = ("job", "user", "vo", "environment", "ledger", "libvirt", "slot", "age", "timings", "flag")
 NO_GUEST = "no guest: reap closes it"
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         step(f"guests: {error}")
         return exit_code(Outcome.RETRY_ELSEWHERE)
     listed, would_reap = _hypervisor_side(config)
-    rows = _rows(entries, listed, would_reap, time.time())
+    rows = _rows(entries, listed, would_reap, time.time(), config)
     if args.json:
         leftovers = None if would_reap is None else {"volumes": list(would_reap.volumes),
                                                       "run_dirs": list(would_reap.run_dirs)}
@@ -82,7 +83,7 @@ def _hypervisor_side(config):
     return listed, report
 
 
-def _rows(entries, listed, would_reap, now: float) -> list:
+def _rows(entries, listed, would_reap, now: float, config) -> list:
     by_name = {guest.name: guest for guest in listed or ()}
     closing = set(() if would_reap is None else would_reap.entries_closed)
     removing = set(() if would_reap is None else would_reap.guests)
@@ -95,10 +96,24 @@ def _rows(entries, listed, would_reap, now: float) -> list:
                          NO_GUEST if entry.job_id in closing else None))
     for guest in by_name.values():  # guests no live entry owns
         meta = guest.metadata
-        flag = NO_ENTRY if guest.name in removing else f"no entry: made by host {meta.host}, reap leaves it"
+        flag = NO_ENTRY if guest.name in removing else f"no entry: {_whose(guest, config)}, reap leaves it"
         rows.append(_row(meta.job_id, meta.user, meta.vo, meta.environment, guest.name, None, guest.state, None,
                          now - meta.created, {}, flag))
     return rows
+
+
+def _whose(guest, config) -> str:
+    """Why reap leaves a guest no entry owns, as its metadata tells (reap's own rules, in words)."""
+    import socket
+
+    meta = guest.metadata
+    if meta.host != socket.gethostname():
+        return f"made by host {meta.host}"
+    if meta.ledger not in (None, config.host.state_dir):
+        return f"made by another blahvm installation (state dir {meta.ledger})"
+    if any(guest.name in environment.guests for environment in config.environments.values()):
+        return "a static guest of this site"
+    return "not reap's to remove"
 
 
 def _row(job_id, user, vo, environment, guest, ledger_state, libvirt_state, slot, age, timings, flag) -> dict:
@@ -115,21 +130,16 @@ def _print_table(rows: list) -> None:
     cells = [[c.upper() for c in COLUMNS]]
     for row in rows:
         cells.append([
-            _printable(row["job_id"]), _printable(row["user"]), _printable(row["vo"] or "-"),
-            row["environment"], row["ledger_state"] or "-",
+            printable(row["job_id"]), printable(row["user"]), printable(row["vo"] or "-"),
+            printable(row["environment"]), row["ledger_state"] or "-",
             "?" if row["libvirt_state"] is None else row["libvirt_state"],
             "-" if row["slot"] is None else str(row["slot"]), _age(row["age_seconds"]),
             " ".join(f"{phase} {seconds:.2f}s" for phase, seconds in row["timings"].items()) or "-",
-            row["flag"] or "",
+            printable(row["flag"] or ""),
         ])
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
     for line in cells:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
-
-
-def _printable(text: str) -> str:
-    """User text (job ids, names) reaches the admin's terminal without its control characters."""
-    return text if text.isprintable() else repr(text)
 
 
 def _age(seconds: float) -> str:

@@ -54,7 +54,9 @@ def main(argv=None) -> int:
     except Exception as error:  # the last line of defence: one line, not a traceback
         if os.environ.get("BLAHVM_DEBUG"):
             raise
-        print(f"blahvm: internal error: {type(error).__name__}: {error} "
+        from blahvm.errors import printable
+
+        print(f"blahvm: internal error: {type(error).__name__}: {printable(error)} "
               "(run again with BLAHVM_DEBUG=1 for a traceback)", file=sys.stderr)
         return EXIT_INTERNAL
 

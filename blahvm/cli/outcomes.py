@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from blahvm.errors import printable
+
 EXIT_OK = 0
 EXIT_REJECTED = 1  # the site's routes refuse the submission
 EXIT_BAD_INPUT = 2  # bad arguments, unknown user, bad config
@@ -35,4 +37,4 @@ def exit_code(outcome) -> int:
 def step(message: str, seconds: float | None = None) -> None:
     """One line on stderr per step: stdout carries only the report a command was asked for."""
     timing = "" if seconds is None else f" ({seconds:.2f}s)"
-    print(f"blahvm: {message}{timing}", file=sys.stderr, flush=True)
+    print(f"blahvm: {printable(message)}{timing}", file=sys.stderr, flush=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from blahvm.cli.common import add_config_option, fail, resolved_config_path
+from blahvm.cli.common import add_config_option, bad_text, fail, resolved_config_path
 from blahvm.cli.outcomes import EXIT_CODES_HELP, EXIT_REJECTED, exit_code, step
 from blahvm.cli.submission import add_submission_options
 
@@ -41,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
     from blahvm.model import Job
     from blahvm.routing.engine import route
 
-    if not args.job_id.strip():
-        return fail("--job-id: must not be empty")
+    complaint = bad_text(args, "job-id", "user", "name", "queue", "vo", "group", "account", "environment")
+    if complaint:
+        return fail(complaint)
     try:
         account = account_of(args.user)
         if args.group is None:  # what a batch system passes on: the owner's primary group

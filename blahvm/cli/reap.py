@@ -9,6 +9,7 @@ import time
 
 from blahvm.cli.common import add_config_option, resolved_config_path
 from blahvm.cli.outcomes import EXIT_CODES_HELP, exit_code, step
+from blahvm.errors import printable
 
 
 def add_parser(commands) -> None:
@@ -51,4 +52,4 @@ def _print_text(found: dict, dry_run: bool) -> None:
     for kind, names in found.items():
         verb = verbs.get(kind, "would remove" if dry_run else "removed")
         for name in names:
-            print(f"{verb} {labels[kind]} {name}")
+            print(f"{verb} {labels[kind]} {printable(name)}")

@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_text(result, trace) -> None:
+    from blahvm.errors import printable
     from blahvm.routing.table import MEMORY, WALLTIME, show
 
     for rule, why_not in trace or ():
@@ -64,7 +65,7 @@ def _print_text(result, trace) -> None:
     details = f"vo {vo or '-'}, memory {show(MEMORY, memory)}, vcpus {vcpus}, walltime {show(WALLTIME, walltime)}"
     if resources:
         details += f", resources {resources}"
-    print(f"route {rule}: queue {queue}, environment {environment} ({details})")
+    print(printable(f"route {rule}: queue {queue}, environment {environment} ({details})"))  # vo: maybe the user's
 
 
 def _print_json(result, trace) -> None:

@@ -8,8 +8,9 @@ import pwd
 import sys
 import time
 
-from blahvm.cli.common import add_config_option, fail, resolved_config_path
+from blahvm.cli.common import add_config_option, bad_text, fail, resolved_config_path
 from blahvm.cli.submission import BadSubmission, account_of, add_submission_options, submission_from_args
+from blahvm.errors import printable
 
 EXIT_REJECTED, EXIT_RETRY, EXIT_FAIL_JOB = 1, 75, 76
 
@@ -31,7 +32,7 @@ def add_parser(commands) -> None:
 
 
 def _step(name: str, seconds: float, detail: str) -> None:
-    print(f"blahvm: {name:<9} {seconds:7.2f}s  {detail}".rstrip(), file=sys.stderr)
+    print(printable(f"blahvm: {name:<9} {seconds:7.2f}s  {detail}".rstrip()), file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
     from blahvm.model import Job, Outcome, Rejection
     from blahvm.routing.engine import route
 
+    complaint = bad_text(args, "user", "queue", "vo", "group", "account", "environment")
+    if complaint:
+        return fail(complaint)
     config = load_config(resolved_config_path(args))
     try:
         user = args.user or pwd.getpwuid(os.getuid()).pw_name
@@ -64,5 +68,5 @@ def run(args: argparse.Namespace) -> int:
     result = run_job(config, job, command, stdin=sys.stdin.fileno(), report=_step)
     if result.outcome is Outcome.OK:
         return result.exit_code
-    print(f"blahvm: prepare: {result.message}", file=sys.stderr)
+    print(f"blahvm: prepare: {printable(result.message)}", file=sys.stderr)
     return EXIT_RETRY if result.outcome is Outcome.RETRY_ELSEWHERE else EXIT_FAIL_JOB

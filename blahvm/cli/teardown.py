@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from blahvm.cli.common import add_config_option, fail, resolved_config_path
+from blahvm.cli.common import add_config_option, bad_text, fail, resolved_config_path
 from blahvm.cli.outcomes import EXIT_CODES_HELP, exit_code, step
 
 
@@ -24,8 +24,9 @@ def run(args: argparse.Namespace) -> int:
     from blahvm.config import load_config
     from blahvm.lifecycle import teardown
 
-    if not args.job_id.strip():
-        return fail("--job-id: must not be empty")
+    complaint = bad_text(args, "job-id")
+    if complaint:
+        return fail(complaint)
     config = load_config(resolved_config_path(args))
     result = teardown(config, args.job_id)
     step(result.message)  # it carries its own timing
