@@ -19,12 +19,12 @@ ROOT = 0
 _MAX_LINKS = 40  # as the kernel's ELOOP limit
 
 
-def status_problem(status: os.stat_result) -> Optional[str]:
+def status_problem(status: os.stat_result, sticky_ok: bool = True) -> Optional[str]:
     """Why someone other than root could change the file or directory of ``status``, as a predicate
-    ("is owned by uid 1000, not root"), or None."""
+    ("is owned by uid 1000, not root"), or None. ``sticky_ok=False``: no new entries by others either."""
     if status.st_uid != ROOT:
         return f"is owned by uid {status.st_uid}, not root"
-    sticky = stat.S_ISDIR(status.st_mode) and status.st_mode & stat.S_ISVTX
+    sticky = sticky_ok and stat.S_ISDIR(status.st_mode) and status.st_mode & stat.S_ISVTX
     if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky:
         return f"is writable by group or others (mode {stat.S_IMODE(status.st_mode):o})"
     return None

@@ -9,7 +9,6 @@ taken apart again. Subclasses say how to reserve, how to bring up and how to tak
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from typing import Optional
 
@@ -17,6 +16,7 @@ from blahvm.guest import client
 from blahvm.hypervisor import guests
 from blahvm.hypervisor.connection import Connection
 from blahvm.ledger import Entry, Ledger, State, owner_alive
+from blahvm.lifecycle import _rundir
 from blahvm.lifecycle._common import JobNames, Refusal, job_names
 from blahvm.lifecycle.results import PrepareResult
 from blahvm.model import Environment, Job, Outcome, SiteConfig
@@ -54,6 +54,7 @@ class BringUp:
     # -- the shared course ------------------------------------------------------------------------
 
     def run(self) -> PrepareResult:
+        _rundir.check_root(self.config.host.run_dir)  # before anything is made: refused, nothing to undo
         existing = self.ledger.get(self.job.job_id)
         if existing is not None and existing.live:
             resumed = self._resume(existing)
@@ -144,23 +145,13 @@ def hand_over_socket(names: JobNames, job: Job, wait: bool, ports: int = 1) -> N
             _wait_for_path(path, SOCKET_APPEAR_TIMEOUT)
     uid = -1 if job.uid is None else job.uid
     gid = -1 if job.gid is None else job.gid
-    # The directory is still root's alone, so nobody can have swapped a socket for a link.
-    for path in sockets:
-        if os.path.lexists(path):
-            os.chown(path, uid, gid, follow_symlinks=False)
-            os.chmod(path, 0o600)
-    os.chown(names.run_dir, uid, gid)
+    _rundir.hand_over(names.run_dir, sockets, uid, gid)  # by descriptors: never through a symlink
 
 
 def make_run_dir(root: str, run_dir: str) -> None:
-    """The job's run dir, root's alone (0700) until the socket in it is handed over."""
-    if not os.path.isdir(root):
-        os.makedirs(root, exist_ok=True)
-        os.chmod(root, 0o755)  # whatever the umask (a PBS mom runs prologues with 077): users enter their own
-    if os.path.lexists(run_dir):  # left by an earlier run of this job, which the live entry now owns
-        shutil.rmtree(run_dir)
-    os.mkdir(run_dir, 0o700)
-    os.chmod(run_dir, 0o700)  # whatever the umask
+    """The job's run dir, root's alone (0700) until the socket in it is handed over, in a root
+    only root can write (``_rundir``)."""
+    _rundir.make(root, run_dir)
 
 
 def _wait_for_path(path: str, timeout: float) -> None:

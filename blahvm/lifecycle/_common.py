@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Optional, Tuple
 
 import attrs
@@ -12,6 +11,7 @@ from blahvm.hypervisor import guests, naming
 from blahvm.hypervisor.connection import Connection, open_connection
 from blahvm.hypervisor.errors import HypervisorError
 from blahvm.hypervisor.storage import ClonePool
+from blahvm.lifecycle import _rundir
 from blahvm.model import Environment, Outcome, SiteConfig
 
 AGENT_SOCKET = "agent.{}.sock"  # the names guest.client.acquire_port looks for
@@ -96,8 +96,8 @@ def dismantle(
         pool = clone_pool(config, conn)
         deleted = [volume for volume in volumes if pool.delete_volume(volume)]
     if is_run_dir(config, run_dir):
-        # rmtree resists symlink tricks; the job's user owns the directory by now.
-        shutil.rmtree(run_dir, ignore_errors=True)
+        # by descriptors from a root only root can write: never through a symlink
+        _rundir.remove(config.host.run_dir, run_dir)
     return Dismantled(removed, tuple(deleted))
 
 
