@@ -137,22 +137,38 @@ def test_reap_dry_run_then_reap_closes_the_dead_entry(site):
     assert as_json(blahvm("reap", "--config", site, "--json"))["entries"] == []
 
 
+def test_reap_counts_what_closing_an_entry_removed(site, tmp_path):
+    assert prepare(site, "1.srv", "--no-wait").returncode == 0
+    (run_dir,) = [str(path) for path in (tmp_path / "run").iterdir()]
+    dry = blahvm("reap", "--config", site, "--dry-run")
+    assert dry.stdout.splitlines() == ["would close entry 1.srv", f"would remove run dir {run_dir}"]
+    done = blahvm("reap", "--config", site)
+    assert done.stdout.splitlines() == ["closed entry 1.srv", f"removed run dir {run_dir}"]
+    assert done.stderr.startswith("blahvm: reap removed 0 guests, 0 volumes, 1 run dirs; closed 1 entries")
+    assert not os.path.exists(run_dir)
+
+
 def test_guests_without_an_entry_are_flagged(tmp_path, golden_env):
-    """A test-driver node file gives every process the same guests: one of ours, one of another host's."""
+    """A test-driver node file gives every process the same guests: one of ours, one of another host's, one of
+    another installation's on this host."""
     node = tmp_path / "node.xml"
     domains = "".join(
         f"""<domain type="test"><name>{name}</name><memory>262144</memory><vcpu>1</vcpu><os><type>hvm</type></os>
         <metadata><blahvm:job xmlns:blahvm="https://blahvm.org/xmlns/job/1"><blahvm:id>{job}</blahvm:id>
         <blahvm:user>cms001</blahvm:user><blahvm:environment>demo</blahvm:environment><blahvm:host>{host}</blahvm:host>
-        <blahvm:created>2024-01-01T00:00:00Z</blahvm:created></blahvm:job></metadata></domain>"""
-        for name, job, host in (("blahvm-7.o-00000001", "7.o", socket.gethostname()),
-                                ("blahvm-8.x-00000002", "8.x", "elsewhere.example")))
+        <blahvm:created>2024-01-01T00:00:00Z</blahvm:created>{ledger}</blahvm:job></metadata></domain>"""
+        for name, job, host, ledger in (
+            ("blahvm-7.o-00000001", "7.o", socket.gethostname(), ""),
+            ("blahvm-8.x-00000002", "8.x", "elsewhere.example", ""),
+            ("blahvm-9.d-00000003", "9.d", socket.gethostname(), "<blahvm:ledger>/var/lib/blahvm-demo</blahvm:ledger>")))
     node.write_text(f"<node>{domains}</node>")
     config = write_config(str(tmp_path), golden_env, uri=f"test://{node}")
     rows = {row["job_id"]: row for row in as_json(blahvm("guests", "--config", config, "--json"))["guests"]}
     assert rows["7.o"]["flag"] == "no entry: reap removes it" and rows["7.o"]["ledger_state"] is None
     assert rows["7.o"]["libvirt_state"] == "running" and rows["7.o"]["age_seconds"] > 86400
     assert rows["8.x"]["flag"] == "no entry: made by host elsewhere.example, reap leaves it"
+    assert rows["9.d"]["flag"] == \
+        "no entry: made by another blahvm installation (state dir /var/lib/blahvm-demo), reap leaves it"
     dry = blahvm("reap", "--config", config, "--dry-run")
     assert dry.stdout.splitlines() == ["would remove guest blahvm-7.o-00000001"]
     assert as_json(blahvm("reap", "--config", config, "--json"))["guests"] == ["blahvm-7.o-00000001"]

@@ -280,8 +280,12 @@ def test_reap_finds_orphans_and_dry_run_only_reports(tmp_path, golden, keep_driv
 
     report = reap(config)
     assert report.guests == (naming.guest_name(orphan.job_id),)
-    assert set(report.volumes) == {naming.guest_name(orphan.job_id) + ".qcow2"}
-    assert report.run_dirs == (os.path.join(config.host.run_dir, naming.guest_name(orphan.job_id)),)
+    # what closing the vanished job's entry removed counts too, as the dry run said it would
+    assert set(report.volumes) == set(dry.volumes) == {naming.guest_name(job.job_id) + ".qcow2"
+                                                       for job in (orphan, vanished)}
+    assert set(report.run_dirs) == set(dry.run_dirs) == {os.path.join(config.host.run_dir, naming.guest_name(job.job_id))
+                                                         for job in (orphan, vanished)}
+    assert report.message.startswith("reap removed 1 guests, 2 volumes, 2 run dirs; closed 1 entries")
     assert report.entries_closed == (vanished.job_id,)
     assert domain_names(keep_driver) == {naming.guest_name(kept.job_id)}
     assert volume_names(config, keep_driver) == {naming.guest_name(kept.job_id) + ".qcow2"}

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Iterable, List, Set
+from typing import Iterable, List, Set, Tuple
 
 from blahvm.hypervisor import guests, naming
 from blahvm.hypervisor.connection import Connection
 from blahvm.hypervisor.errors import HypervisorError
 from blahvm.hypervisor.storage import ClonePool
+from blahvm.jobshare import leftovers, release, share_root
 from blahvm.ledger import Entry, Ledger, LedgerError, State, owner_alive
 from blahvm.lifecycle._common import clone_pool, connect, dismantle, is_run_dir
 from blahvm.lifecycle.results import ReapReport
-from blahvm.lifecycle.static import clean_free_guests, static_guests, take_apart
+from blahvm.lifecycle.static import clean_free_guests, is_static_lease, static_guests, take_apart
 from blahvm.model import Outcome, SiteConfig
 
 _PREPARING = (State.RESERVED, State.CLONING, State.BOOTING)
@@ -30,21 +31,29 @@ def reap(config: SiteConfig, dry_run: bool = False) -> ReapReport:
     """Clean up after crashes; with ``dry_run`` only report what would be removed."""
     try:
         with Ledger(config.host) as ledger, connect(config) as conn:
-            closed = _close_dead_entries(config, ledger, conn, dry_run)
+            # what closing the dead entries removed counts as much as the orphans found after
+            closed, guests_gone, volumes, run_dirs = _close_dead_entries(config, ledger, conn, dry_run)
             live = [entry for entry in ledger.live() if entry.job_id not in closed]
-            guests_gone = _orphan_guests(config, conn, live, static_guests(config))
+            orphans = _orphan_guests(config, conn, live, static_guests(config))
             returned = clean_free_guests(config, conn, live, dry_run)
             # a dry run (also behind `blahvm guests`) only looks: it never makes the pool
             pool = ClonePool.find(conn, config.hypervisor.pool) if dry_run else clone_pool(config, conn)
-            volumes = _orphan_volumes((volume.name for volume in pool.list_volumes()), live) if pool else []
-            run_dirs = _orphan_run_dirs(config, live)
+            orphan_volumes = _orphan_volumes((volume.name for volume in pool.list_volumes()), live) if pool else []
+            orphan_run_dirs = _orphan_run_dirs(config, live)
+            # a job's directory still mounted after a crash: found in /proc/self/mountinfo
+            shares = leftovers(share_root(config.host.run_dir), _owned_prefixes(live))
             if not dry_run:
-                for name in guests_gone:
+                for name in orphans:
                     guests.destroy_and_undefine(conn, name)
-                for volume in volumes:
+                for volume in orphan_volumes:
                     pool.delete_volume(volume)
-                for path in run_dirs:
+                for path in orphan_run_dirs:
                     dismantle(config, conn, None, (), path)
+                for guest in shares:
+                    release(share_root(config.host.run_dir), guest)
+            guests_gone += orphans
+            volumes += orphan_volumes
+            run_dirs += orphan_run_dirs
     except (HypervisorError, LedgerError, OSError) as error:
         return ReapReport(Outcome.RETRY_ELSEWHERE, f"reap: {error}", dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
@@ -52,6 +61,8 @@ def reap(config: SiteConfig, dry_run: bool = False) -> ReapReport:
         f"reap {verb} {len(guests_gone)} guests, {len(volumes)} volumes, {len(run_dirs)} run dirs; "
         f"{'would close' if dry_run else 'closed'} {len(closed)} entries"
     )
+    if shares:
+        message += f"; {'would unmount' if dry_run else 'unmounted'} {len(shares)} job directories"
     if returned:
         message += f"; {'would return' if dry_run else 'returned'} static guests clean: {', '.join(returned)}"
     return ReapReport(Outcome.OK, message, dry_run, tuple(guests_gone), tuple(volumes), tuple(run_dirs), tuple(closed))
@@ -64,8 +75,13 @@ def _is_dead(conn: Connection, entry: Entry) -> bool:
     return entry.guest is None or guests.domain_state(conn, entry.guest) not in _UP
 
 
-def _close_dead_entries(config: SiteConfig, ledger: Ledger, conn: Connection, dry_run: bool) -> List[str]:
-    closed = []
+def _close_dead_entries(config: SiteConfig, ledger: Ledger, conn: Connection, dry_run: bool) -> tuple:
+    """The job ids closed, and the guests, volumes and run dirs that closing them removed.
+
+    A dry run removes nothing here: the things of the entries it would close show up as orphans after.
+    """
+    closed: List[str] = []
+    removed: Tuple[List[str], List[str], List[str]] = ([], [], [])
     for entry in ledger.live():
         if not _is_dead(conn, entry):
             continue
@@ -77,11 +93,17 @@ def _close_dead_entries(config: SiteConfig, ledger: Ledger, conn: Connection, dr
         )
         if claimed is None:
             continue  # someone else is working on it
-        take_apart(config, conn, claimed)
+        had_run_dir = bool(claimed.run_dir) and os.path.isdir(claimed.run_dir)
+        done = take_apart(config, conn, claimed)
+        if done.guest_removed and not is_static_lease(claimed):  # a leased guest is returned, not removed
+            removed[0].append(claimed.guest)
+        removed[1].extend(done.volumes_removed)
+        if had_run_dir and not os.path.isdir(claimed.run_dir):
+            removed[2].append(claimed.run_dir)
         reason = "guest vanished" if entry.state is State.RUNNING else f"owner died in {entry.state}"
         if ledger.close(entry.job_id, Outcome.RETRY_ELSEWHERE, f"reaped: {reason}", expected_version=claimed.version):
             closed.append(entry.job_id)
-    return closed
+    return (closed, *removed)
 
 
 def _orphan_guests(config: SiteConfig, conn: Connection, live: List[Entry], static: frozenset) -> List[str]:
