@@ -522,3 +522,11 @@ def test_log_lines_escape_user_text():
     assert line.isprintable() and "\x1b" not in line
     # the fields keep every character, escaped; the message has its whitespace folded to spaces
     assert line == "prologue: job='a\\nb\\x1b[31mred\\u2028x' user='x\\x1b[2J' prepared a b\\x1b[31mred x\\x1b]0;owned\\x07"
+
+
+def test_route_explains_with_the_users_values_escaped(tmp_path):
+    code, out, _ = blahvm_cli("route", "--config", small_site(tmp_path), "--explain", "--queue", HOSTILE_JOB_ID,
+                              "--vo", HOSTILE_JOB_ID)
+    assert code == 0 and SHOWN_JOB_ID in out
+    no_control_characters(out)
+    assert all(line.startswith(("  all: ", "route all: ")) for line in out.splitlines()), out

@@ -56,16 +56,17 @@ def _print_text(result, trace) -> None:
     from blahvm.errors import printable
     from blahvm.routing.table import MEMORY, WALLTIME, show
 
+    # each line may carry the user's own values (queue, vo, ...): printable keeps it one clean line
     for rule, why_not in trace or ():
-        print(f"  {rule}: " + ("matches" if why_not is None else f"no: {why_not}"))
+        print(printable(f"  {rule}: " + ("matches" if why_not is None else f"no: {why_not}")))
     if result[0] == "reject":
-        print(f"rejected by route {result[1]}: {result[2]}" if result[1] else f"rejected: {result[2]}")
+        print(printable(f"rejected by route {result[1]}: {result[2]}" if result[1] else f"rejected: {result[2]}"))
         return
     _, rule, queue, environment, vo, memory, vcpus, walltime, resources = result
     details = f"vo {vo or '-'}, memory {show(MEMORY, memory)}, vcpus {vcpus}, walltime {show(WALLTIME, walltime)}"
     if resources:
         details += f", resources {resources}"
-    print(printable(f"route {rule}: queue {queue}, environment {environment} ({details})"))  # vo: maybe the user's
+    print(printable(f"route {rule}: queue {queue}, environment {environment} ({details})"))
 
 
 def _print_json(result, trace) -> None:
