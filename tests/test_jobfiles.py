@@ -11,18 +11,24 @@ import contextlib
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 import uuid
+
+import importlib
 
 import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from blahvm import jobshare
+from blahvm.guest import client
 from blahvm.image import guest_init
-from blahvm.lifecycle import prepare, teardown
+from blahvm.jobshare import jail
+from blahvm.lifecycle import prepare, reap, teardown
 from blahvm.model import Job, Outcome
 from tests.test_lifecycle import (
     assert_nothing_left,
@@ -36,6 +42,7 @@ from tests.test_lifecycle import (
 pytest.importorskip("libvirt")
 
 NOBODY = 65534
+prepare_module = importlib.import_module("blahvm.lifecycle.prepare")
 READY_TIMEOUT = 120.0
 
 
@@ -137,16 +144,103 @@ def workdir_job(workdir, uid=NOBODY):
     return Job(job_id="77.server", user="nobody", decision=make_job().decision, uid=uid, gid=uid, workdir=workdir)
 
 
-def test_prepare_shares_the_workdir_and_tells_the_guest_where(tmp_path, golden, keep_driver, job_dir):  # noqa: F811
+def shares_left(config):
+    """Mounts and entries under the share root: the share's part of every leak check."""
+    root = jobshare.share_root(config.host.run_dir)
+    return jobshare.shared_mounts(root) + jobshare.leftovers(root, set())
+
+
+def test_prepare_shares_the_pinned_workdir_and_tells_the_guest_where(tmp_path, golden, keep_driver, job_dir):  # noqa: F811
     config = make_config(tmp_path, (golden[0], golden[1], {"kernel": "/boot/vmlinuz", "cmdline": "quiet"}))
-    result = prepare(config, workdir_job(job_dir + "/"), ready_timeout=None)
-    assert result.outcome is Outcome.OK, result.message
-    xml = keep_driver.raw.lookupByName(result.guest).XMLDesc()
-    assert f"<source dir='{job_dir}'/>" in xml and "<target dir='blahvm-workdir'/>" in xml
-    assert "<source type='memfd'/>" in xml and "<access mode='shared'/>" in xml
-    assert f"<cmdline>quiet {guest_init.workdir_argument(job_dir)}</cmdline>" in xml
-    teardown(config, "77.server")
+    try:
+        result = prepare(config, workdir_job(job_dir + "/"), ready_timeout=None)
+        assert result.outcome is Outcome.OK, result.message
+        xml = keep_driver.raw.lookupByName(result.guest).XMLDesc()
+        root = jobshare.share_root(config.host.run_dir)
+        point = jobshare.mount_point(root, result.guest)
+        assert f"<source dir='{point}'/>" in xml and "<target dir='blahvm-workdir'/>" in xml
+        assert f"<binary path='{os.path.join(root, jail.WRAPPER)}'/>" in xml
+        assert "<source type='memfd'/>" in xml and "<access mode='shared'/>" in xml
+        assert f"<cmdline>quiet {guest_init.workdir_argument(job_dir)}</cmdline>" in xml
+        assert jobshare.shared_mounts(root) == [point]
+        assert (os.stat(point).st_ino, os.stat(point).st_dev) == (os.stat(job_dir).st_ino, os.stat(job_dir).st_dev)
+    finally:
+        done = teardown(config, "77.server")
+    assert done.outcome is Outcome.OK, done.message
     assert_nothing_left(config, keep_driver)
+    assert shares_left(config) == []
+
+
+def swap_parent_for_link(workdir, target_parent):
+    """What a job's user can do to a parent of any directory in their home: rename it, link in its place."""
+    parent = os.path.dirname(workdir)
+    os.rename(parent, parent + ".moved")
+    os.symlink(target_parent, parent)
+
+
+@pytest.fixture
+def raced_dirs(tmp_path):
+    """home (the user's) / parent / job (the user's), and secret / job (root's alone) to swap in."""
+    os.chmod(tmp_path, 0o755)
+    job = tmp_path / "home" / "parent" / "job"
+    job.mkdir(parents=True)
+    for path in (tmp_path / "home", job.parent, job):
+        os.chown(path, NOBODY, NOBODY)
+    (job / "marker.txt").write_text("the user's\n")
+    secret = tmp_path / "secret" / "job"
+    secret.mkdir(parents=True, mode=0o700)
+    (secret / "secret.txt").write_text("root's\n")
+    return str(job), str(secret)
+
+
+def test_a_parent_swapped_after_the_check_is_refused_at_the_pin(tmp_path, golden, keep_driver, raced_dirs,
+                                                                monkeypatch):  # noqa: F811
+    job_dir, secret = raced_dirs
+    config = make_config(tmp_path, (golden[0], golden[1], {"kernel": "/boot/vmlinuz"}))
+    real = prepare_module.make_run_dir
+
+    def swap_then_make_run_dir(*args):  # between the path check (before the slot) and the pin
+        swap_parent_for_link(job_dir, os.path.dirname(secret))
+        return real(*args)
+
+    monkeypatch.setattr(prepare_module, "make_run_dir", swap_then_make_run_dir)
+    result = prepare(config, workdir_job(job_dir), ready_timeout=None)
+    assert result.outcome is Outcome.FAIL_JOB and "is owned by uid 0" in result.message, result.message
+    assert_nothing_left(config, keep_driver)
+    assert shares_left(config) == []
+
+
+def test_a_parent_swapped_before_the_start_leaves_the_checked_directory_shared(
+    tmp_path, golden, keep_driver, raced_dirs, monkeypatch  # noqa: F811
+):
+    job_dir, secret = raced_dirs
+    original = os.stat(job_dir)
+    config = make_config(tmp_path, (golden[0], golden[1], {"kernel": "/boot/vmlinuz"}))
+    real = prepare_module.guests.define_and_start
+    monkeypatch.setattr(prepare_module.guests, "define_and_start",
+                        lambda conn, xml: (swap_parent_for_link(job_dir, os.path.dirname(secret)), real(conn, xml))[1])
+    try:
+        result = prepare(config, workdir_job(job_dir), ready_timeout=None)
+        assert result.outcome is Outcome.OK, result.message
+        point = jobshare.mount_point(jobshare.share_root(config.host.run_dir), result.guest)
+        assert (os.stat(point).st_dev, os.stat(point).st_ino) == (original.st_dev, original.st_ino)
+        assert os.listdir(point) == ["marker.txt"]
+    finally:
+        teardown(config, "77.server")
+    assert_nothing_left(config, keep_driver)
+    assert shares_left(config) == []
+
+
+def test_reap_unmounts_a_share_a_crash_left(tmp_path, golden, keep_driver, job_dir):  # noqa: F811
+    config = make_config(tmp_path, golden)
+    root = jobshare.share_root(config.host.run_dir)
+    os.makedirs(config.host.run_dir, exist_ok=True)
+    jobshare.pin(root, "blahvm-crashed-0123abcd", job_dir, NOBODY, (NOBODY,))  # prepare died after the pin
+    assert len(shares_left(config)) == 2  # the mount and its entry
+    report = reap(config)
+    assert report.outcome is Outcome.OK and "unmounted 1 job directories" in report.message, report.message
+    assert shares_left(config) == []
+    assert os.path.isdir(job_dir)  # unmounted, never removed
 
 
 def test_prepare_without_a_workdir_shares_nothing(tmp_path, golden, keep_driver):  # noqa: F811
@@ -248,7 +342,7 @@ def test_real_guest_job_reads_and_writes_its_own_directory(demo_image):
             print(f"prepare: {result.message}; timings {dict(result.timings)}")
             code, out, err = run_captured(config, job, ["sh", "job.sh"])
             assert (code, out) == (0, workdir.encode() + b"\n"), err
-            assert virtiofsd_serving(workdir)
+            assert jail.served(jobshare.share_root(config.host.run_dir), result.guest)
         finally:
             done = teardown(config, job.job_id)
         assert done.outcome is Outcome.OK, done.message
@@ -256,7 +350,8 @@ def test_real_guest_job_reads_and_writes_its_own_directory(demo_image):
         assert_written_by_nobody(workdir, "results/lines.txt", "2\n")
         assert_written_by_nobody(workdir, "results/uid.txt", f"{NOBODY}\n")
         assert os.stat(os.path.join(workdir, "results")).st_uid == NOBODY
-        assert virtiofsd_serving(workdir) == []
+        assert virtiofsd_serving(jobshare.share_root(config.host.run_dir)) == []
+        assert shares_left(config) == []
 
 
 def assert_written_by_nobody(workdir, name, text):
@@ -274,3 +369,113 @@ def test_real_site_missing_workdir_fails_the_job_before_any_guest(demo_image):
         result = prepare(config, job, ready_timeout=READY_TIMEOUT)
         assert result.outcome is Outcome.FAIL_JOB and "does not exist" in result.message
         assert "\n" not in result.message
+
+
+# What guest root tries through the share (the payload runs as uid 0 in an allow_root environment).
+ATTACKS = """\
+attempt() { name=$1; shift; if "$@" 2>/dev/null; then echo "$name: done"; else echo "$name: refused"; fi; }
+attempt create-as-root sh -c 'echo x > root-made'
+attempt copy-a-shell cp /bin/busybox shell
+attempt chown-to-root chown 0:0 victim.txt
+attempt chmod-setuid chmod 4755 victim.txt
+attempt chmod-setgid chmod 2755 victim.txt
+attempt mknod mknod node c 1 3
+attempt mkdir-setgid mkdir -m 2755 sgid-dir
+attempt mkdir-then-setgid sh -c 'mkdir plain-dir && chmod g+s plain-dir'
+attempt chown-roots-file chown 65534:65534 rootfile
+"""
+# What the job's own user does in a working job, then tries the set-id bits too.
+HONEST = """\
+set -e
+echo data > new.txt
+chmod +x new.txt
+test -x new.txt
+mv new.txt renamed.txt
+mkdir -p sub/deeper
+echo y > sub/deeper/f
+rm -r sub
+cat renamed.txt
+if chmod u+s renamed.txt 2>/dev/null; then echo "setuid: done"; else echo "setuid: refused"; fi
+stat -c %i .
+ls
+"""
+
+
+def run_in_guest(socket_path, argv, cwd, uid=None, gid=None):
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        code = client.run_payload(socket_path, argv, cwd=cwd, uid=uid, gid=gid, stdout=out.fileno(),
+                                  stderr=err.fileno(), ready_timeout=READY_TIMEOUT)
+        out.seek(0)
+        err.seek(0)
+        return code, out.read().decode(), err.read().decode()
+
+
+@pytest.mark.guest
+def test_real_guest_sees_the_checked_directory_and_its_root_cannot_escape_through_the_share(demo_image, monkeypatch):
+    """One boot: a parent swapped for a link to a root-only directory between the check and the
+    start (the race), then guest root's attacks, then the honest job; the host afterwards."""
+    base = tempfile.mkdtemp(prefix="blahvm-jobfiles-", dir="/var/tmp")
+    os.chmod(base, 0o755)
+    home, secret_parent = os.path.join(base, "home"), os.path.join(base, "secret")
+    workdir, secret = os.path.join(home, "parent", "job"), os.path.join(secret_parent, "job")
+    os.makedirs(workdir)
+    for path in (home, os.path.dirname(workdir), workdir):
+        os.chown(path, NOBODY, NOBODY)
+    os.makedirs(secret, 0o700)
+    with open(os.path.join(secret, "secret.txt"), "w") as stream:
+        stream.write("root's\n")
+    write_as_nobody(os.path.join(workdir, "marker.txt"), "the user's\n")
+    write_as_nobody(os.path.join(workdir, "victim.txt"), "#!/bin/sh\n")
+    with open(os.path.join(workdir, "rootfile"), "w") as stream:  # a root-owned file already there
+        stream.write("root's\n")
+    original = os.stat(workdir)
+    real = prepare_module.guests.define_and_start
+
+    def swap_then_start(conn, xml):  # the window between prepare's check and virtiofsd's start
+        swap_parent_for_link(workdir, secret_parent)
+        return real(conn, xml)
+
+    monkeypatch.setattr(prepare_module.guests, "define_and_start", swap_then_start)
+    try:
+        with real_site(demo_image) as config:
+            env = attrs.evolve(config.environments["demo"], allow_root=True)
+            config = attrs.evolve(config, environments={"demo": env})
+            job = attrs.evolve(real_job(f"jr-{uuid.uuid4().hex[:6]}", demo_image), workdir=workdir)
+            try:
+                result = prepare(config, job, ready_timeout=READY_TIMEOUT)
+                assert result.outcome is Outcome.OK, result.message
+                assert os.path.islink(os.path.dirname(workdir))  # the swap happened
+                served = jail.served(jobshare.share_root(config.host.run_dir), result.guest)
+                assert served is not None and served[1]["uid_map"] == f"{NOBODY} {NOBODY} 1"
+                code, out, err = run_in_guest(result.socket, ["sh", "-c", ATTACKS], workdir, uid=0, gid=0)
+                print(out)
+                assert code == 0, err
+                assert len(out.splitlines()) == 9 and all(line.endswith(": refused") for line in out.splitlines()), out
+                code, out, err = run_in_guest(result.socket, ["sh", "-c", HONEST], workdir)
+                print(out)
+                assert code == 0, err
+                lines = out.splitlines()
+                assert lines[:2] == ["data", "setuid: refused"] and lines[2] == str(original.st_ino), out
+                assert "marker.txt" in lines and "secret.txt" not in lines
+            finally:
+                done = teardown(config, job.job_id)
+            assert done.outcome is Outcome.OK, done.message
+            assert shares_left(config) == []
+            assert virtiofsd_serving(jobshare.share_root(config.host.run_dir)) == []
+        host = os.path.dirname(workdir) + ".moved/job"  # where the user's directory is now
+        assert_no_escape(host)
+        assert os.listdir(secret) == ["secret.txt"]
+        assert (os.stat(os.path.join(host, "victim.txt")).st_uid, os.stat(os.path.join(host, "rootfile")).st_uid) == (
+            NOBODY, 0)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def assert_no_escape(top):
+    """Nothing under ``top`` has set-id bits or is a device; everything is nobody's but rootfile."""
+    for parent, dirs, files in os.walk(top):
+        for name in dirs + files:
+            status = os.lstat(os.path.join(parent, name))
+            assert not status.st_mode & (stat.S_ISUID | stat.S_ISGID), (name, oct(status.st_mode))
+            assert not stat.S_ISCHR(status.st_mode) and not stat.S_ISBLK(status.st_mode), name
+            assert status.st_uid == (0 if name == "rootfile" else NOBODY), (name, status.st_uid)

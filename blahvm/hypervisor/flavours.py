@@ -108,11 +108,14 @@ class Kvm(Flavour):
         return backing
 
     def filesystem_elements(self, spec: GuestSpec) -> List[ET.Element]:
-        # passthrough: virtiofsd acts with the credentials of the guest process that asks.
+        # passthrough: virtiofsd acts with the credentials of the guest process that asks, within
+        # what the binary that libvirt runs for it allows (blahvm.jobshare.jail: the job's ids alone).
         elements = []
         for share in spec.shares:
             filesystem = ET.Element("filesystem", type="mount", accessmode="passthrough")
             ET.SubElement(filesystem, "driver", type="virtiofs")
+            if share.binary is not None:
+                ET.SubElement(filesystem, "binary", path=share.binary)
             ET.SubElement(filesystem, "source", dir=share.source)
             ET.SubElement(filesystem, "target", dir=share.tag)
             elements.append(filesystem)

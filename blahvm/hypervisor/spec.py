@@ -76,9 +76,11 @@ class SharedDir:
 
     source: str
     tag: str
+    binary: Optional[str] = None  # what libvirt runs instead of virtiofsd (blahvm's jail); None: its own
 
     def __attrs_post_init__(self) -> None:
         _check_path("shared directory", self.source)
+        _check_path("virtiofsd binary", self.binary)
         if not isinstance(self.tag, str) or not _SHARE_TAG.match(self.tag):
             raise SpecError(f"share tag {self.tag!r} is not a plain name of at most 36 characters")
 

@@ -1,6 +1,6 @@
 """Pin the job's directory: check the very directory that will be exported, and export only that.
 
-Layout under the share root (``<host.run_dir>/shares``, root's alone, 0700)::
+Layout under the share root (``<host.run_dir>-shares``, beside the run dirs, root's alone, 0700)::
 
     virtiofsd-jail           the program libvirt starts for every share (``jail.install``)
     <guest>/                 root 0700
@@ -25,7 +25,7 @@ import attrs
 
 from blahvm.jobshare import mounts
 
-SHARES = "shares"  # beside the run dirs, which all start with "blahvm-"
+SHARES_SUFFIX = "-shares"  # /run/blahvm -> /run/blahvm-shares: beside the run dirs, never inside one
 MOUNT = "mnt"
 IDENTITY = "identity"
 PIDFILE = "virtiofsd.pid"
@@ -64,7 +64,7 @@ class Identity:
 
 
 def share_root(run_dir: str) -> str:
-    return os.path.join(run_dir, SHARES)
+    return os.path.normpath(run_dir) + SHARES_SUFFIX
 
 
 def mount_point(root: str, guest: str) -> str:
@@ -108,10 +108,12 @@ def open_owned_dir(path: str, uid: int) -> int:
                 child = os.open(part, _OPEN_DIR, dir_fd=fd)
             except FileNotFoundError:
                 raise ShareRefused("does not exist") from None
-            except NotADirectoryError:
-                raise ShareRefused("is not a directory") from None
-            except OSError as error:  # ELOOP: a component became a link after it was resolved
-                raise ShareRefused(f"changed while it was checked ({os.strerror(error.errno)})") from None
+            except OSError as error:  # a link where the resolved path had a directory: swapped in since
+                if _is_link(part, fd):
+                    raise ShareRefused(f"changed while it was checked ({part!r} became a link)") from None
+                if isinstance(error, NotADirectoryError):
+                    raise ShareRefused("is not a directory") from None
+                raise ShareRefused(f"cannot be opened: {os.strerror(error.errno)}") from None
             os.close(fd)
             fd = child
         status = os.fstat(fd)
@@ -121,6 +123,13 @@ def open_owned_dir(path: str, uid: int) -> int:
     except BaseException:
         os.close(fd)
         raise
+
+
+def _is_link(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return False
 
 
 def check_owned_dir(path: str, uid: Optional[int]) -> None:

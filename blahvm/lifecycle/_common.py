@@ -11,6 +11,7 @@ from blahvm.hypervisor import guests, naming
 from blahvm.hypervisor.connection import Connection, open_connection
 from blahvm.hypervisor.errors import HypervisorError
 from blahvm.hypervisor.storage import ClonePool
+from blahvm.jobshare import release, share_root
 from blahvm.lifecycle import _rundir
 from blahvm.model import Environment, Outcome, SiteConfig
 
@@ -91,6 +92,8 @@ def dismantle(
 ) -> Dismantled:
     """Destroy and undefine the guest, delete its volumes, remove its run dir; gone is fine."""
     removed = bool(guest) and guests.destroy_and_undefine(conn, guest)
+    if guest:  # its virtiofsd is gone with it: unmount the job's pinned directory
+        release(share_root(config.host.run_dir), guest)
     deleted = []
     if volumes:
         pool = clone_pool(config, conn)

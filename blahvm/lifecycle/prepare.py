@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import stat
 import time
 from typing import Optional
 
@@ -32,6 +31,7 @@ from blahvm.hypervisor.errors import HypervisorError
 from blahvm.hypervisor.images import ImageInfo, verify_image
 from blahvm.hypervisor.kvm import resolve_domain_type
 from blahvm.image import guest_init
+from blahvm.jobshare import ShareRefused, check_owned_dir, job_gids, jail, mount_point, pin, share_root
 from blahvm.ledger import Entry, Ledger, LedgerError, NoCapacity, State
 from blahvm.lifecycle import static
 from blahvm.lifecycle._bringup import BringUp, hand_over_socket, make_run_dir
@@ -85,25 +85,25 @@ def _environment(config: SiteConfig, job: Job) -> Environment:
 
 @attrs.frozen
 class _Workdir:
-    """The job's directory: where the guest mounts it, and the host directory that is shared."""
+    """The job's directory: where the guest mounts it, and whose ids serve it."""
 
     guest_path: str
-    host_path: str  # the guest path with symlinks resolved, as checked
+    gids: tuple  # the job's primary gid, then its supplementary groups
 
 
 def _job_workdir(job: Job, environment: Environment) -> Optional[_Workdir]:
     """The job's directory, checked: absolute, an existing directory owned by the job's user.
 
-    Owned, not merely writable: a guest's root can do anything inside the share (docs/jobfiles.md),
-    so only a directory that is the user's own is ever exported.
+    Owned, not merely writable: the share is served with the job's own rights (docs/jobfiles.md).
+    Checked here before a slot is taken, and again on the very directory that is pinned.
     """
     if job.workdir is None:
         return None
     path = job.workdir.rstrip("/") or "/"
-    problem = _plain_path_problem(path) or _ownership_problem(path, job.uid) or _boot_problem(environment)
+    problem = _plain_path_problem(path) or _ownership_problem(path, job) or _boot_problem(environment)
     if problem is not None:
         raise Refusal(Outcome.FAIL_JOB, f"job {job.job_id}: working directory {path!r}: {problem}")
-    return _Workdir(guest_path=path, host_path=os.path.realpath(path))
+    return _Workdir(guest_path=path, gids=job_gids(job.user, job.uid, job.gid))
 
 
 def _plain_path_problem(path: str) -> Optional[str]:
@@ -114,17 +114,12 @@ def _plain_path_problem(path: str) -> Optional[str]:
     return None
 
 
-def _ownership_problem(path: str, uid: Optional[int]) -> Optional[str]:
-    if uid is None:
-        return "cannot be checked: the job has no uid"
+def _ownership_problem(path: str, job: Job) -> Optional[str]:
     try:
-        status = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return "does not exist"
-    if not stat.S_ISDIR(status.st_mode):
-        return "is not a directory"
-    if status.st_uid != uid:
-        return f"is owned by uid {status.st_uid}, not by the job's uid {uid}"
+        check_owned_dir(path, job.uid)
+        job_gids(job.user, job.uid, job.gid)
+    except ShareRefused as refused:
+        return str(refused)
     return None
 
 
@@ -161,10 +156,12 @@ class _Preparation(BringUp):
                            run_dir=names.run_dir)
         disks = self._clone()
         make_run_dir(self.config.host.run_dir, names.run_dir)
-        xml = build_domain_xml(self._spec(disks))
+        shares = self._pin_workdir()
+        xml = build_domain_xml(self._spec(disks, shares))
         self._move(entry, State.BOOTING)
         started = time.monotonic()
         guests.define_and_start(self.conn, xml)
+        self._verify_share()
         hand_over_socket(self.names, self.job, wait=self.ready_timeout is not None, ports=self.job.decision.vcpus)
         return self._started(started)
 
@@ -198,7 +195,28 @@ class _Preparation(BringUp):
         self.ledger.record_timing(self.job.job_id, "clone", time.monotonic() - started)
         return tuple(disks)
 
-    def _spec(self, disks: tuple) -> GuestSpec:
+    def _pin_workdir(self) -> tuple:
+        """Pin the job's directory (checked again, on the directory itself) for its guest alone."""
+        if self.workdir is None:
+            return ()
+        root = share_root(self.config.host.run_dir)
+        try:
+            pin(root, self.names.guest, self.workdir.guest_path, self.job.uid, self.workdir.gids)
+        except ShareRefused as refused:
+            raise Refusal(Outcome.FAIL_JOB, f"job {self.job.job_id}: working directory "
+                          f"{self.workdir.guest_path!r}: {refused}") from None
+        return (SharedDir(mount_point(root, self.names.guest), guest_init.WORKDIR_TAG, binary=jail.install(root)),)
+
+    def _verify_share(self) -> None:
+        """Once the guest runs: its virtiofsd is jailed and serves the pinned directory."""
+        if self.workdir is None or self.conn.uri.startswith("test:"):  # the test driver runs no virtiofsd
+            return
+        problem = jail.verify_served(share_root(self.config.host.run_dir), self.names.guest)
+        if problem is not None:
+            raise Refusal(Outcome.FAIL_JOB, f"job {self.job.job_id}: working directory "
+                          f"{self.workdir.guest_path!r}: {problem}")
+
+    def _spec(self, disks: tuple, shares: tuple = ()) -> GuestSpec:
         env, job, decision = self.environment, self.job, self.job.decision
         metadata = GuestMetadata(
             job_id=job.job_id,
@@ -219,7 +237,8 @@ class _Preparation(BringUp):
             disks=disks,
             metadata=metadata,
             agent_sockets=self.names.sockets(decision.vcpus),  # one per task that may run at once
-            shares=self._shares(),
+            control_socket=self.names.control_socket,
+            shares=shares,
             kernel=env.kernel,
             initrd=env.initrd,
             cmdline=self._cmdline(),
@@ -227,11 +246,6 @@ class _Preparation(BringUp):
             network=env.network,
             domain_type=resolve_domain_type(self.config.hypervisor.domain_type),
         )
-
-    def _shares(self) -> tuple:
-        if self.workdir is None:
-            return ()
-        return (SharedDir(self.workdir.host_path, guest_init.WORKDIR_TAG),)
 
     def _cmdline(self) -> Optional[str]:
         """The environment's kernel command line, plus where stage two mounts the job's directory."""
