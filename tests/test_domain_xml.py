@@ -86,6 +86,7 @@ CASES = {
         initrd="/var/lib/blahvm/images/initrd.img",
         cmdline="console=ttyS0 panic=-1 root=/dev/vda",
         agent_sockets=(RUN + "/agent.0.sock", RUN + "/agent.1.sock"),
+        control_socket=RUN + ".ctl",
         network="vo-cms",
         serial_log=RUN + "/console.log",
     ),
@@ -96,6 +97,7 @@ CASES = {
         memory=Size.parse("2GiB"),
         vcpus=2,
         agent_sockets=(RUN + "/agent.0.sock",),
+        control_socket=RUN + ".ctl",
         network="vo-cms",
     ),
     "xen-pv-kernel": spec(
@@ -150,6 +152,7 @@ def test_flavour_specifics():
     assert [t.get("name") for t in kvm.iterfind("devices/channel/target")] == [
         "org.blahvm.agent.0",
         "org.blahvm.agent.1",
+        "org.blahvm.control",
     ]
     assert kvm.find("devices/serial/source").get("path") == RUN + "/console.log"
     hw = lxml_etree.fromstring(build_domain_xml(CASES["kvm-hw-disk-boot"]).encode())

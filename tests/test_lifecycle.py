@@ -112,7 +112,8 @@ def test_each_vcpu_gets_its_own_agent_port_in_the_run_dir(tmp_path, golden, keep
     xml = keep_driver.raw.lookupByName(result.guest).XMLDesc()
     channels = ET.fromstring(xml).findall("./devices/channel")
     assert [(c.find("target").get("name"), c.find("source").get("path")) for c in channels] == [
-        (f"org.blahvm.agent.{i}", os.path.join(result.run_dir, f"agent.{i}.sock")) for i in range(ports)]
+        *((f"org.blahvm.agent.{i}", os.path.join(result.run_dir, f"agent.{i}.sock")) for i in range(ports)),
+        ("org.blahvm.control", result.run_dir + ".ctl")]  # beside the run dir: root's, never the user's
     teardown(config, "1234.server")
 
 

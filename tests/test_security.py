@@ -138,6 +138,12 @@ def connect_as(uid: int, gid: int, path: str) -> str:
     return answer
 
 
+def naming_control_socket(config, job) -> str:
+    from blahvm.lifecycle._common import job_names
+
+    return job_names(config, job.job_id).control_socket
+
+
 @pytest.fixture
 def throwaway_user():
     name = f"bvm{uuid.uuid4().hex[:8]}"
@@ -185,6 +191,22 @@ def test_each_jobs_agent_socket_is_its_users_alone(demo_image, throwaway_user):
             os.close(write)
             assert (code, os.read(read, 100).strip()) == (0, str(throwaway_user.pw_uid).encode())
             os.close(read)
+            # whoever holds a job's socket cannot choose who the payload runs as: root's bind decides
+            from blahvm.guest.client import AgentError, run_payload
+
+            for ids in ({"uid": 0}, {"uid": 0, "gid": 0}, {"uid": throwaway_user.pw_uid}):
+                with pytest.raises(AgentError, match="refusing"):
+                    run_payload(results[mine.job_id].socket, ["id"], cwd="/", ready_timeout=60, **ids)
+            read, write = os.pipe()  # a request that names nobody runs as the job's user, not as root
+            assert run_payload(results[mine.job_id].socket, ["id", "-u"], cwd="/", stdout=write) == 0
+            os.close(write)
+            assert os.read(read, 100) == b"65534\n"
+            os.close(read)
+            # the control port that binds it is root's alone
+            control_socket = naming_control_socket(config, mine)
+            assert os.stat(control_socket).st_mode & 0o077 == 0
+            for user in (nobody, throwaway_user, daemon):
+                assert connect_as(user.pw_uid, user.pw_gid, control_socket) == "refused"
         finally:
             for job in (mine, other):
                 teardown(config, job.job_id)

@@ -257,14 +257,14 @@ def _prepare_in_child(where, names, job, queue):
 def test_real_static_guests_are_leased_once_and_returned_clean(demo_image):
     with real_static_site(demo_image) as config:
         first_guest, second_guest = config.environments["static"].guests
-        dirty = make_job(f"st-{uuid.uuid4().hex[:6]}")
+        dirty = make_job(f"st-{uuid.uuid4().hex[:6]}", uid=0, gid=0)  # root's job, to write /root
         result = prepare(config, dirty, ready_timeout=READY_TIMEOUT)  # boot 1
         assert (result.outcome, result.guest) == (Outcome.OK, first_guest), result.message
         assert run_in_guest(config, dirty, "echo dirty > /root/dirty && sync") == (0, b"")
         done = teardown(config, dirty.job_id)
         assert done.outcome is Outcome.OK, done.message
 
-        jobs = [make_job(f"st-{uuid.uuid4().hex[:6]}") for _ in range(2)]
+        jobs = [make_job(f"st-{uuid.uuid4().hex[:6]}", uid=0, gid=0) for _ in range(2)]
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
         where = os.path.dirname(config.host.state_dir)
@@ -280,7 +280,7 @@ def test_real_static_guests_are_leased_once_and_returned_clean(demo_image):
                 worker.join(30)
             assert {outcome for _, outcome, _, _ in results} == {Outcome.OK}, results
             assert {guest for _, _, guest, _ in results} == {first_guest, second_guest}
-            third = prepare(config, make_job("st-third"), ready_timeout=READY_TIMEOUT)
+            third = prepare(config, make_job("st-third", uid=0, gid=0), ready_timeout=READY_TIMEOUT)
             assert third.outcome is Outcome.RETRY_ELSEWHERE, third.message
             on_first = next(job for job in jobs for job_id, _, guest, _ in results
                             if guest == first_guest and job_id == job.job_id)

@@ -65,7 +65,7 @@ def _devices(flavour: Flavour, spec: GuestSpec) -> ET.Element:
         if model is not None:
             ET.SubElement(interface, "model", type=model)
     devices.extend(flavour.console_elements(spec))
-    for port, socket_path in spec.agent_ports:
+    for port, socket_path in spec.channels:
         channel = ET.SubElement(devices, "channel", type="unix")
         ET.SubElement(channel, "source", mode="bind", path=socket_path)
         ET.SubElement(channel, "target", type=flavour.channel_target, name=port)

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from blahvm.hypervisor.connection import Connection, libvirt
 from blahvm.hypervisor.errors import HypervisorError, LibvirtCallFailed, NotFound
 from blahvm.hypervisor.naming import check_safe_name
-from blahvm.hypervisor.spec import AGENT_PORT
+from blahvm.hypervisor.spec import AGENT_PORT, CONTROL_PORT
 
 CLEAN_SNAPSHOT = "blahvm-clean"
 AGENT_CHANNEL = AGENT_PORT.format(0)
@@ -87,29 +87,42 @@ def revert_clean(conn: Connection, name: str) -> None:
     conn.call(f"revert {name} to {CLEAN_SNAPSHOT}", revert)
 
 
-def point_agent_at(conn: Connection, name: str, socket_path: str) -> None:
-    """Redefine the guest with its agent channel's host end at ``socket_path``."""
+def point_agent_at(conn: Connection, name: str, socket_path: str, control_path: str) -> None:
+    """Redefine the guest with its agent channel's host end at ``socket_path`` and a control
+    channel's at ``control_path``."""
     domain = _domain(conn, name)
     module = libvirt()
     flags = module.VIR_DOMAIN_XML_INACTIVE | module.VIR_DOMAIN_XML_SECURE  # keep the site's whole definition
     xml = conn.call(f"read {name}", domain.XMLDesc, flags)
-    rewritten = with_agent_socket(xml, name, socket_path)
+    rewritten = with_agent_socket(xml, name, socket_path, control_path)
     conn.call(f"redefine {name}", conn.raw.defineXMLFlags, rewritten, module.VIR_DOMAIN_DEFINE_VALIDATE)
 
 
-def with_agent_socket(xml: str, name: str, socket_path: str) -> str:
-    """``xml`` with the unix channel ``org.blahvm.agent.0`` bound at ``socket_path`` (pure)."""
+def with_agent_socket(xml: str, name: str, socket_path: str, control_path: Optional[str] = None) -> str:
+    """``xml`` with the unix channel ``org.blahvm.agent.0`` bound at ``socket_path``, and, given
+    ``control_path``, a channel ``org.blahvm.control`` of the same kind bound there (pure)."""
     root = ET.fromstring(xml)
     channel = _agent_channel(root)
     if channel is None:
         raise NotLeasable(_no_channel(name))
+    _bind_source(channel, socket_path)
+    if control_path is not None:
+        control = _channel(root, CONTROL_PORT)
+        if control is None:  # the site need not define it: blahvm adds it beside the agent's
+            control = ET.SubElement(root.find("devices"), "channel", type="unix")
+            ET.SubElement(control, "target", type=channel.find("target").get("type", "virtio"), name=CONTROL_PORT)
+        _bind_source(control, control_path)
+    return ET.tostring(root, encoding="unicode")
+
+
+def _bind_source(channel: ET.Element, socket_path: str) -> None:
     source = channel.find("source")
     if source is None:
-        source = ET.SubElement(channel, "source")
+        source = ET.Element("source")
+        channel.insert(0, source)
     source.attrib.clear()
     source.set("mode", "bind")
     source.set("path", socket_path)
-    return ET.tostring(root, encoding="unicode")
 
 
 def agent_socket(xml: str) -> Optional[str]:
@@ -120,9 +133,13 @@ def agent_socket(xml: str) -> Optional[str]:
 
 
 def _agent_channel(root: ET.Element) -> Optional[ET.Element]:
+    return _channel(root, AGENT_CHANNEL)
+
+
+def _channel(root: ET.Element, port: str) -> Optional[ET.Element]:
     for channel in root.iterfind("devices/channel"):
         target = channel.find("target")
-        if channel.get("type") == "unix" and target is not None and target.get("name") == AGENT_CHANNEL:
+        if channel.get("type") == "unix" and target is not None and target.get("name") == port:
             return channel
     return None
 

@@ -23,6 +23,7 @@ from blahvm.quantities import Size
 DISK_FORMATS = ("qcow2", "raw")
 GUEST_DOMAIN_TYPES = ("kvm", "qemu")  # resolved: "auto" is decided before a spec is built
 AGENT_PORT = "org.blahvm.agent.{}"
+CONTROL_PORT = "org.blahvm.control"  # root's channel to the agent: whose job the guest runs
 _SHARE_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,35}\Z")  # virtiofs tags: at most 36 bytes
 
 
@@ -102,6 +103,7 @@ class GuestSpec:
     disks: Tuple[DiskSpec, ...]
     metadata: GuestMetadata
     agent_sockets: Tuple[str, ...] = ()  # host-side UNIX sockets; port i is org.blahvm.agent.<i>
+    control_socket: Optional[str] = None  # host end of org.blahvm.control: root's alone
     shares: Tuple[SharedDir, ...] = ()  # host directories the guest mounts by tag
     kernel: Optional[str] = None
     initrd: Optional[str] = None
@@ -132,6 +134,7 @@ class GuestSpec:
             )
         for path in self.agent_sockets:
             _check_path("agent socket", path)
+        _check_path("control socket", self.control_socket)
         self._check_shares()
         for what in ("kernel", "initrd", "bootloader", "serial_log"):
             _check_path(what, getattr(self, what))
@@ -158,3 +161,9 @@ class GuestSpec:
     def agent_ports(self) -> Tuple[Tuple[str, str], ...]:
         """(port name, host socket) for each agent channel."""
         return tuple((AGENT_PORT.format(i), path) for i, path in enumerate(self.agent_sockets))
+
+    @property
+    def channels(self) -> Tuple[Tuple[str, str], ...]:
+        """(port name, host socket) for every channel: the agent ports, then the control port."""
+        control = () if self.control_socket is None else ((CONTROL_PORT, self.control_socket),)
+        return self.agent_ports + control

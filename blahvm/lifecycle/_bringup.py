@@ -12,7 +12,7 @@ import os
 import time
 from typing import Optional
 
-from blahvm.guest import client
+from blahvm.guest import client, control
 from blahvm.hypervisor import guests
 from blahvm.hypervisor.connection import Connection
 from blahvm.ledger import Entry, Ledger, State, owner_alive
@@ -73,6 +73,8 @@ class BringUp:
             raise Refusal(Outcome.RETRY_ELSEWHERE, f"job {self.job.job_id} is being torn down on this host")
         up = entry.guest is not None and guests.domain_state(self.conn, entry.guest) in UP_STATES
         if up and entry.state is State.RUNNING:
+            if self.ready_timeout is not None:  # a guest started without waiting is bound now
+                self._bind()
             return self._result(entry, f"reused the running {self.WHAT}", reused=True)
         if up and entry.state is State.BOOTING:
             if self.ready_timeout is None:
@@ -102,14 +104,24 @@ class BringUp:
 
     def _await_agent(self, reused: bool) -> PrepareResult:
         started = time.monotonic()
-        try:
-            client.wait_ready(self.names.socket, self.ready_timeout)
-        except client.AgentError as error:
-            raise Refusal(Outcome.RETRY_ELSEWHERE, f"{self.WHAT} of job {self.job.job_id} did not become ready: "
-                          f"{error}") from None
+        self._bind()
         self.ledger.record_timing(self.job.job_id, "ready", time.monotonic() - started)
         self.ledger.transition(self.job.job_id, State.BOOTING, State.RUNNING)
         return self._result(self.ledger.get(self.job.job_id), f"{self.WHAT} ready", reused=reused)
+
+    def _bind(self) -> None:
+        """Wait for the agent on the control port and tell it whose job the guest runs: from then
+        on it runs payloads as that identity alone (root's decision, never the socket holder's)."""
+        job = self.job
+        if job.uid is None or job.gid is None:
+            raise Refusal(Outcome.FAIL_JOB, f"job {job.job_id} has no uid and gid: its guest cannot be told "
+                          "whom to run the job as")
+        identity = control.Identity.of_user(job.user, job.uid, job.gid, root=self.environment.allow_root)
+        try:
+            control.bind(self.names.control_socket, identity, self.ready_timeout)
+        except client.AgentError as error:
+            raise Refusal(Outcome.RETRY_ELSEWHERE, f"{self.WHAT} of job {job.job_id} did not become ready: "
+                          f"{error}") from None
 
     def _undo(self, error: BaseException) -> None:
         """Take apart whatever this prepare made and free the slot; the trail is in the ledger."""

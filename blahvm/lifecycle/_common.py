@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional, Tuple
 
@@ -42,6 +43,11 @@ class JobNames:
         """The first agent port's socket: the one readiness is asked on."""
         return os.path.join(self.run_dir, AGENT_SOCKET.format(0))
 
+    @property
+    def control_socket(self) -> str:
+        """The control port's socket: beside the run dir, root's alone, never handed over."""
+        return control_socket_of(self.run_dir)
+
     def sockets(self, count: int) -> Tuple[str, ...]:
         """The sockets of ``count`` agent ports (at least one, at most MAX_AGENT_PORTS)."""
         count = max(1, min(count, MAX_AGENT_PORTS))
@@ -49,6 +55,10 @@ class JobNames:
 
     def volumes(self, environment: Environment) -> Tuple[str, ...]:
         return (self.disk, self.scratch) if environment.scratch else (self.disk,)
+
+
+def control_socket_of(run_dir: str) -> str:
+    return run_dir + ".ctl"
 
 
 def job_names(config: SiteConfig, job_id: str) -> JobNames:
@@ -101,6 +111,8 @@ def dismantle(
     if is_run_dir(config, run_dir):
         # by descriptors from a root only root can write: never through a symlink
         _rundir.remove(config.host.run_dir, run_dir)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(control_socket_of(run_dir))
     return Dismantled(removed, tuple(deleted))
 
 

@@ -41,7 +41,8 @@ def launch(
     stderr: int = 2,
     ready_timeout: float = 120.0,
 ) -> int:
-    """Run ``argv`` in the job's guest as the job's user; its exit code (signal N: 128+N).
+    """Run ``argv`` in the job's guest as the job's user (the identity ``prepare`` bound there,
+    whatever ``job.uid`` says); its exit code (signal N: 128+N).
 
     ``cwd`` defaults to the job's working directory, which ``prepare`` mounted at the same path
     in the guest.
@@ -53,7 +54,8 @@ def launch(
         run_dir = job_names(config, job.job_id).run_dir
         with client.acquire_port(run_dir, timeout=ready_timeout) as socket_path:
             return client.run_payload(
-                socket_path, argv, env=env, cwd=job.workdir if cwd is None else cwd, uid=job.uid, gid=job.gid,
+                # no uid or gid: the guest runs its job as the identity root bound at prepare
+                socket_path, argv, env=env, cwd=job.workdir if cwd is None else cwd,
                 stdin=stdin, stdout=stdout, stderr=stderr, ready_timeout=ready_timeout,
             )
     except (client.AgentError, SpecError) as error:

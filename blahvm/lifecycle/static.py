@@ -112,7 +112,7 @@ class _Lease(BringUp):
         started = time.monotonic()
         return_clean(self.conn, entry.guest)  # whatever ran on it since its last teardown is undone
         make_run_dir(self.config.host.run_dir, self.names.run_dir)
-        snapshots.point_agent_at(self.conn, entry.guest, self.names.socket)
+        snapshots.point_agent_at(self.conn, entry.guest, self.names.socket, self.names.control_socket)
         snapshots.start(self.conn, entry.guest)
         hand_over_socket(self.names, self.job, wait=self.ready_timeout is not None)
         return self._started(started)
