@@ -24,6 +24,7 @@ from tests.test_agent_exec import run as run_captured
 pytestmark = pytest.mark.guest
 pytest.importorskip("blahvm.image.demo", reason="the demo image builder is not there yet")
 
+JOB = control.Identity(4242, 4243, (4243, 4244), root=True, user="bvmjob", group="bvmgrp", hostname="job-4711")
 BOOT_TIMEOUT = 240  # seconds; TCG on two shared cores, other tests may boot guests too
 RUN_TIMEOUT = 120
 
@@ -31,7 +32,7 @@ RUN_TIMEOUT = 120
 @pytest.fixture(scope="module")
 def guest_socket(demo_image):
     """The host end of org.blahvm.agent.0 of a running demo guest, bound over its control port to
-    run the job of nobody, which may ask for root."""
+    run the job of a user the image does not know (JOB), which may ask for root."""
     libvirt = pytest.importorskip("libvirt")
     from blahvm.hypervisor.domain import (BackingFile, DiskSpec, GuestMetadata, GuestSpec, build_domain_xml,
                                           guest_uuid)
@@ -71,7 +72,8 @@ def guest_socket(demo_image):
         hello = wait_ready(agent_socket_path(run_dir, 0), timeout=BOOT_TIMEOUT)
         print("boot to agent hello: %.1fs" % (time.monotonic() - started))
         assert hello.hostname == "agenttest"
-        control.bind(os.path.join(run_dir, "control.sock"), control.Identity(65534, 65534, (65534,), root=True), 60)
+        control.bind(os.path.join(run_dir, "control.sock"), JOB, 60)
+        assert run(agent_socket_path(run_dir, 0), ["hostname"])[:2] == (0, b"job-4711\n")  # the bind's, not the cmdline's
         yield agent_socket_path(run_dir, 0)
     finally:
         try:
@@ -107,10 +109,32 @@ def test_exit_codes_and_signals(guest_socket):
 
 
 def test_runs_as_the_bound_user_and_root_only_as_allowed(guest_socket):
-    assert run(guest_socket, ["sh", "-c", "id -u; id -g"]) == (0, b"65534\n65534\n", b"")
+    assert run(guest_socket, ["sh", "-c", "id -u; id -g; id -G"]) == (0, b"4242\n4243\n4243 4244\n", b"")
+    # the bind made the user and group known by name, as cloud images' users are
+    assert run(guest_socket, ["sh", "-c", "id -un; id -gn"]) == (0, b"bvmjob\nbvmgrp\n", b"")
     assert run(guest_socket, ["id", "-u"], uid=0) == (0, b"0\n", b"")
     with pytest.raises(AgentError, match="refusing to run as uid 1000"):
         run(guest_socket, ["id"], uid=1000)
+
+
+def test_refresh_sets_the_clock_and_reseeds(guest_socket):
+    control_socket = os.path.join(os.path.dirname(guest_socket), "control.sock")
+    # a refresh is root's: the job's own socket cannot ask for it
+    with pytest.raises(AgentError, match="not served"):
+        from blahvm.guest.client import open_session
+        from blahvm.guest.protocol import encode_control
+
+        connection, hello = open_session(guest_socket, 60)
+        try:
+            connection.send(encode_control({"type": "refresh", "session": hello.session, "time": 1.0,
+                                            "entropy": "00" * 64}))
+            connection.next_control(time.monotonic() + 60, "an answer")
+        finally:
+            connection.close()
+    assert run(guest_socket, ["date", "-s", "@1000000000"], uid=0)[0] == 0  # a clock as stale as a saved state's
+    control.refresh(control_socket, 60)
+    code, out, _ = run(guest_socket, ["date", "+%s"])
+    assert code == 0 and abs(int(out) - time.time()) < 5
 
 
 def test_a_killed_client_kills_the_payload_and_the_port_serves_again(guest_socket):

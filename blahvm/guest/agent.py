@@ -19,10 +19,12 @@ then only as that identity (or as root where the host allowed it).
 
 import argparse
 import errno
+import fcntl
 import fnmatch
 import json
 import os
 import queue
+import re
 import select
 import signal
 import socket
@@ -333,11 +335,24 @@ def log(where, message):
 CONTROL_PORT = "org.blahvm.control"
 
 
-class Identity(object):
-    """uid, gid and supplementary groups of the job's payload, and whether it may ask for root."""
+ACCOUNT_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,31}\Z")
+HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 
-    def __init__(self, uid, gid, groups, root):
+
+def _optional(message, key, pattern):
+    value = message.get(key)
+    if value is not None and not (isinstance(value, str) and pattern.match(value)):
+        raise RequestError("%s %r is not a plain name" % (key, value))
+    return value
+
+
+class Identity(object):
+    """uid, gid and supplementary groups of the job's payload, whether it may ask for root, and
+    (optional) the names of its user and group and the guest's hostname."""
+
+    def __init__(self, uid, gid, groups, root, user=None, group=None, hostname=None):
         self.uid, self.gid, self.groups, self.root = uid, gid, tuple(sorted(set(groups))), root
+        self.user, self.group, self.hostname = user, group, hostname
 
     @classmethod
     def from_message(cls, message):
@@ -351,10 +366,16 @@ class Identity(object):
         root = message.get("root", False)
         if not isinstance(root, bool):
             raise RequestError("root must be true or false")
-        return cls(uid, gid, [_id(g, "groups[]") for g in groups if g is not None] + [gid], root)
+        return cls(uid, gid, [_id(g, "groups[]") for g in groups if g is not None] + [gid], root,
+                   _optional(message, "user", ACCOUNT_NAME), _optional(message, "group", ACCOUNT_NAME),
+                   _optional(message, "hostname", HOSTNAME))
 
     def as_message(self):
-        return {"uid": self.uid, "gid": self.gid, "groups": list(self.groups), "root": self.root}
+        message = {"uid": self.uid, "gid": self.gid, "groups": list(self.groups), "root": self.root}
+        for key in ("user", "group", "hostname"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        return message
 
     def __eq__(self, other):
         return isinstance(other, Identity) and self.as_message() == other.as_message()
@@ -378,6 +399,7 @@ class Binding(object):
         with self._lock:
             if self._identity is None:
                 self._identity = identity
+                settle(identity)
             if self._identity != identity:
                 return "this guest is already bound to %s" % self._identity.describe()
             return None
@@ -388,6 +410,61 @@ class Binding(object):
 
 
 BINDING = Binding()
+
+
+def settle(identity):
+    """Make the guest the job's: its hostname, and its user and group known by name (so that
+    ``id -un`` and getpwuid work) where the image has no entries for their ids."""
+    if identity.hostname is not None:
+        try:
+            socket.sethostname(identity.hostname)
+        except OSError as error:
+            log("bind", "cannot set the hostname: %s" % error)
+    _add_entry("/etc/group", identity.group, identity.gid, "%s:x:%d:\n")
+    _add_entry("/etc/passwd", identity.user, identity.uid, "%s:x:%d:" + str(identity.gid) + ":blahvm job:/tmp:/bin/sh\n")
+
+
+def _add_entry(path, name, number, line):
+    """Append ``name``'s line unless the file already has that name or number."""
+    if name is None:
+        return
+    try:
+        with open(path) as handle:
+            taken = [entry.split(":")[:3] for entry in handle.read().splitlines()]
+        if any(fields[0] == name or (len(fields) > 2 and fields[2] == str(number)) for fields in taken):
+            return
+        with open(path, "a") as handle:
+            handle.write(line % (name, number))
+    except OSError as error:
+        log("bind", "cannot add %s to %s: %s" % (name, path, error))
+
+
+# The host hands a restored guest its clock and fresh entropy (it would otherwise share both with
+# every other guest restored from the same saved state). RNDADDENTROPY credits the bytes to the
+# input pool, RNDRESEEDCRNG makes the kernel's generator use them at once.
+RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
+MIN_ENTROPY_BYTES = 32
+
+
+def refresh(message):
+    """Set the clock to the host's ``time`` and mix ``entropy`` (hex) into the kernel's RNG."""
+    when = message.get("time")
+    if isinstance(when, bool) or not isinstance(when, (int, float)) or not 0 < when < 2 ** 40:
+        raise RequestError("time must be seconds since the epoch")
+    try:
+        entropy = bytes.fromhex(message.get("entropy"))
+    except (TypeError, ValueError):
+        raise RequestError("entropy must be hex")
+    if not MIN_ENTROPY_BYTES <= len(entropy) <= 4096:
+        raise RequestError("entropy must be %d to 4096 bytes" % MIN_ENTROPY_BYTES)
+    try:
+        time.clock_settime(time.CLOCK_REALTIME, float(when))
+        with open("/dev/urandom", "wb") as urandom:
+            fcntl.ioctl(urandom, RNDADDENTROPY, struct.pack("ii", 8 * len(entropy), len(entropy)) + entropy)
+            fcntl.ioctl(urandom, RNDRESEEDCRNG)
+    except OSError as error:
+        raise RequestError("cannot refresh the guest: %s" % error)
 
 
 def permitted(request, bound):
@@ -676,9 +753,9 @@ class Port(object):
         if what == "open":
             # a new host: the previous one left without the port showing it
             self._open(payload.get("nonce") if isinstance(payload.get("nonce"), str) else "")
-        elif what in ("exec", "bind") and payload.get("session") != self.token:
+        elif what in ("exec", "bind", "refresh") and payload.get("session") != self.token:
             log(self.where, "ignoring a %s request of an earlier session" % what)
-        elif what == "bind" or (what == "exec" and self.control):
+        elif what in ("bind", "refresh") or (what == "exec" and self.control):
             self._control(payload)
         elif what == "exec":
             if self.run is not None:
@@ -694,21 +771,27 @@ class Port(object):
             log(self.where, "ignoring a %r message" % what)
 
     def _control(self, message):
-        """A bind on the control port; anything else there, or a bind elsewhere, is refused."""
+        """bind or refresh on the control port; anything else there, or either elsewhere, is refused."""
+        what = message["type"]
         try:
-            if not self.control or message["type"] != "bind":
-                raise RequestError("%s requests are not served on %s" % (message["type"], self.where))
-            identity = Identity.from_message(message)
-            problem = BINDING.bind(identity)
-            if problem is not None:
-                raise RequestError(problem)
+            if not self.control or what not in ("bind", "refresh"):
+                raise RequestError("%s requests are not served on %s" % (what, self.where))
+            if what == "refresh":
+                refresh(message)
+                answer = {"type": "refreshed", "time": time.time()}
+            else:
+                identity = Identity.from_message(message)
+                problem = BINDING.bind(identity)
+                if problem is not None:
+                    raise RequestError(problem)
+                answer = dict(identity.as_message(), type="bound")
         except RequestError as error:
-            text = "bad %s request: %s" % (message["type"], error)
+            text = "bad %s request: %s" % (what, error)
             log(self.where, text)
             self._send(encode_control({"type": "error", "message": text}))
             return
-        log(self.where, "bound to %s, groups %s" % (identity.describe(), list(identity.groups)))
-        self._send(encode_control(dict(identity.as_message(), type="bound")))
+        log(self.where, "%s: %s" % (answer["type"], identity.describe() if what == "bind" else "clock and entropy"))
+        self._send(encode_control(answer))
 
     def _exec(self, message):
         try:

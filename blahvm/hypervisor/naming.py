@@ -32,6 +32,12 @@ def guest_name(job_id: str) -> str:
     return f"{PREFIX}{readable}-{job_hash(job_id)}"
 
 
+def guest_hostname(guest: str) -> str:
+    """The hostname a guest gets: its name as one DNS label (letters, digits, '-'; at most 63)."""
+    label = re.sub(r"[^A-Za-z0-9-]+", "-", guest)
+    return label[:63].strip("-") or "blahvm"
+
+
 def disk_volume_name(guest: str) -> str:
     """The clone volume that is the guest's root disk."""
     return check_safe_name(guest) + ".qcow2"

@@ -17,9 +17,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pwd
 import stat
-from typing import Iterator, List, Optional, Set, Tuple
+from typing import Iterable, Iterator, List, Optional, Set, Tuple
 
 import attrs
 
@@ -71,19 +70,8 @@ def mount_point(root: str, guest: str) -> str:
     return os.path.join(root, guest, MOUNT)
 
 
-def job_gids(user: str, uid: int, gid: Optional[int]) -> Tuple[int, ...]:
-    """The job's primary gid first, then its supplementary groups from this host's database."""
-    if gid is None:
-        with contextlib.suppress(KeyError):
-            entry = pwd.getpwuid(uid)
-            if entry.pw_name == user:
-                gid = entry.pw_gid
-    if gid is None:
-        raise ShareRefused("cannot be shared: the job has no gid")
-    try:
-        groups = os.getgrouplist(user, gid)
-    except (OSError, ValueError):
-        groups = [gid]
+def share_gids(gid: int, groups: Iterable[int]) -> Tuple[int, ...]:
+    """The gids the share maps: the job's primary gid first, then its other groups, never root's."""
     return (gid, *sorted(set(groups) - {gid, 0}))
 
 

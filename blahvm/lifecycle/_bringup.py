@@ -13,7 +13,7 @@ import time
 from typing import Optional
 
 from blahvm.guest import client, control
-from blahvm.hypervisor import guests
+from blahvm.hypervisor import guests, naming
 from blahvm.hypervisor.connection import Connection
 from blahvm.ledger import Entry, Ledger, State, owner_alive
 from blahvm.lifecycle import _rundir
@@ -112,15 +112,11 @@ class BringUp:
     def _bind(self) -> None:
         """Wait for the agent on the control port and tell it whose job the guest runs: from then
         on it runs payloads as that identity alone (root's decision, never the socket holder's)."""
-        job = self.job
-        if job.uid is None or job.gid is None:
-            raise Refusal(Outcome.FAIL_JOB, f"job {job.job_id} has no uid and gid: its guest cannot be told "
-                          "whom to run the job as")
-        identity = control.Identity.of_user(job.user, job.uid, job.gid, root=self.environment.allow_root)
+        identity = job_identity(self.job, self.environment)
         try:
             control.bind(self.names.control_socket, identity, self.ready_timeout)
         except client.AgentError as error:
-            raise Refusal(Outcome.RETRY_ELSEWHERE, f"{self.WHAT} of job {job.job_id} did not become ready: "
+            raise Refusal(Outcome.RETRY_ELSEWHERE, f"{self.WHAT} of job {self.job.job_id} did not become ready: "
                           f"{error}") from None
 
     def _undo(self, error: BaseException) -> None:
@@ -146,6 +142,17 @@ class BringUp:
             reused=reused,
             timings=entry.timings,
         )
+
+
+def job_identity(job: Job, environment: Environment) -> control.Identity:
+    """Who the job's payload runs as in its guest, as root decides it: the uid and gid the batch
+    system vouched for, the user's groups on this host, root only where the environment allows it,
+    and a hostname from the guest's name."""
+    if job.uid is None or job.gid is None:
+        raise Refusal(Outcome.FAIL_JOB, f"job {job.job_id} has no uid and gid: its guest cannot be told "
+                      "whom to run the job as")
+    return control.Identity.of_user(job.user, job.uid, job.gid, root=environment.allow_root,
+                                    hostname=naming.guest_hostname(naming.guest_name(job.job_id)))
 
 
 def hand_over_socket(names: JobNames, job: Job, wait: bool, ports: int = 1) -> None:

@@ -31,10 +31,10 @@ from blahvm.hypervisor.errors import HypervisorError
 from blahvm.hypervisor.images import ImageInfo, verify_image
 from blahvm.hypervisor.kvm import resolve_domain_type
 from blahvm.image import guest_init
-from blahvm.jobshare import ShareRefused, check_owned_dir, job_gids, jail, mount_point, pin, share_root
+from blahvm.jobshare import ShareRefused, check_owned_dir, jail, mount_point, pin, share_gids, share_root
 from blahvm.ledger import Entry, Ledger, LedgerError, NoCapacity, State
 from blahvm.lifecycle import static
-from blahvm.lifecycle._bringup import BringUp, hand_over_socket, make_run_dir
+from blahvm.lifecycle._bringup import BringUp, hand_over_socket, job_identity, make_run_dir
 from blahvm.lifecycle._common import Refusal, best_effort_dismantle, clone_pool, connect
 from blahvm.lifecycle.results import PrepareResult
 from blahvm.model import Environment, Job, Outcome, SiteConfig
@@ -103,7 +103,8 @@ def _job_workdir(job: Job, environment: Environment) -> Optional[_Workdir]:
     problem = _plain_path_problem(path) or _ownership_problem(path, job) or _boot_problem(environment)
     if problem is not None:
         raise Refusal(Outcome.FAIL_JOB, f"job {job.job_id}: working directory {path!r}: {problem}")
-    return _Workdir(guest_path=path, gids=job_gids(job.user, job.uid, job.gid))
+    identity = job_identity(job, environment)  # the same ids the guest is bound to
+    return _Workdir(guest_path=path, gids=share_gids(identity.gid, identity.groups))
 
 
 def _plain_path_problem(path: str) -> Optional[str]:
@@ -117,10 +118,9 @@ def _plain_path_problem(path: str) -> Optional[str]:
 def _ownership_problem(path: str, job: Job) -> Optional[str]:
     try:
         check_owned_dir(path, job.uid)
-        job_gids(job.user, job.uid, job.gid)
     except ShareRefused as refused:
         return str(refused)
-    return None
+    return None if job.gid is not None else "cannot be shared: the job has no gid"
 
 
 def _boot_problem(environment: Environment) -> Optional[str]:
