@@ -115,7 +115,9 @@ CASES = {
         initrd="/var/lib/blahvm/images/initrd.img",
         cmdline="console=ttyS0 panic=-1 blahvm.workdir=2f686f6d652f636d733030312f6a6f62",
         agent_sockets=(RUN + "/agent.0.sock",),
-        shares=(SharedDir("/home/cms001/my job's <dir> & ü", "blahvm-workdir"),),
+        control_socket=RUN + ".ctl",
+        shares=(SharedDir("/run/blahvm-shares/4711_3_/my job's <dir> & ü", "blahvm-workdir",
+                          binary="/run/blahvm-shares/virtiofsd-jail"),),
     ),
 }
 
@@ -232,7 +234,7 @@ def test_share_brings_the_shared_memfd_backing_and_nothing_else_does():
     (filesystem,) = shared.iterfind("devices/filesystem")
     assert (filesystem.get("type"), filesystem.get("accessmode")) == ("mount", "passthrough")
     assert filesystem.find("driver").get("type") == "virtiofs"
-    assert filesystem.find("source").get("dir") == "/home/cms001/my job's <dir> & ü"
+    assert filesystem.find("source").get("dir") == "/run/blahvm-shares/4711_3_/my job's <dir> & ü"
     assert filesystem.find("target").get("dir") == "blahvm-workdir"
     plain = lxml_etree.fromstring(build_domain_xml(CASES["kvm-hw-disk-boot"]).encode())
     assert plain.find("memoryBacking") is None and plain.find("devices/filesystem") is None

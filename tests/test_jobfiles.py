@@ -37,6 +37,7 @@ from tests.test_lifecycle import (
     real_job,
     real_site,
     run_captured,
+    shares_left,
 )
 
 pytest.importorskip("libvirt")
@@ -142,12 +143,6 @@ def job_dir(tmp_path):
 
 def workdir_job(workdir, uid=NOBODY):
     return Job(job_id="77.server", user="nobody", decision=make_job().decision, uid=uid, gid=uid, workdir=workdir)
-
-
-def shares_left(config):
-    """Mounts and entries under the share root: the share's part of every leak check."""
-    root = jobshare.share_root(config.host.run_dir)
-    return jobshare.shared_mounts(root) + jobshare.leftovers(root, set())
 
 
 def test_prepare_shares_the_pinned_workdir_and_tells_the_guest_where(tmp_path, golden, keep_driver, job_dir):  # noqa: F811

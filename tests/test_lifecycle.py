@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 
+from blahvm import jobshare
 from blahvm.hypervisor import guests, naming
 from blahvm.hypervisor.connection import open_connection
 from blahvm.hypervisor.storage import ClonePool
@@ -78,10 +79,17 @@ def run_dirs(config):
         return set()
 
 
+def shares_left(config):
+    """Mounts and entries under the share root: the share's part of every leak check."""
+    root = jobshare.share_root(config.host.run_dir)
+    return jobshare.shared_mounts(root) + jobshare.leftovers(root, set())
+
+
 def assert_nothing_left(config, conn):
     assert domain_names(conn) == set()
     assert volume_names(config, conn) == set()
-    assert run_dirs(config) == set()
+    assert run_dirs(config) == set()  # control sockets (RUN_DIR.ctl) included
+    assert shares_left(config) == []
     assert live_entries(config) == ()
 
 
