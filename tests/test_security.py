@@ -210,3 +210,18 @@ def test_each_jobs_agent_socket_is_its_users_alone(demo_image, throwaway_user):
         finally:
             for job in (mine, other):
                 teardown(config, job.job_id)
+
+
+def test_every_test_docs_security_names_exists():
+    """docs/security.md proves each boundary by naming tests: each must be a test of the suite."""
+    import re
+    from pathlib import Path
+
+    top = Path(__file__).resolve().parent.parent
+    named = set(re.findall(r"\btest_[a-z0-9_]+\b", (top / "docs" / "security.md").read_text()))
+    files = {path.stem for path in (top / "tests").glob("test_*.py")}
+    defined = set()
+    for path in (top / "tests").glob("test_*.py"):
+        defined.update(re.findall(r"^def (test_[a-z0-9_]+)", path.read_text(), re.M))
+    assert named - files - defined == set()
+    assert len(named - files) >= 20
