@@ -240,6 +240,15 @@ def find_virtiofsd() -> str:
     return DEFAULT_VIRTIOFSD
 
 
+def _import_paths() -> list:
+    import attrs
+
+    import blahvm
+
+    return list(dict.fromkeys(os.path.dirname(os.path.dirname(os.path.abspath(module.__file__)))
+                              for module in (blahvm, attrs)))
+
+
 def wrapper_text(root: str, virtiofsd: str, python: str) -> str:
     """The wrapper: interpreter isolated (-I: no environment, no user site, no current directory)."""
     for value in (root, virtiofsd, python):
@@ -249,6 +258,8 @@ def wrapper_text(root: str, virtiofsd: str, python: str) -> str:
         f"#!{python} -I\n"
         "# Written by blahvm: runs virtiofsd for one job's share, jailed (blahvm.jobshare.jail).\n"
         "import sys\n"
+        # where this blahvm and attrs live: a hook's interpreter (/usr/bin/python3 -IS) may not find them
+        f"sys.path[:0] = {_import_paths()!r}\n"
         "from blahvm.jobshare import jail\n"
         f"sys.exit(jail.main(sys.argv[1:], root='{root}', virtiofsd='{virtiofsd}'))\n"
     )
