@@ -206,7 +206,12 @@ def test_hypervisor_unavailable_is_retry_elsewhere(tmp_path, golden):
     result = prepare(config, make_job(), ready_timeout=None)
     assert result.outcome is Outcome.RETRY_ELSEWHERE and "\n" not in result.message
     assert live_entries(config) == ()
-    assert teardown(config, "x").outcome is Outcome.RETRY_ELSEWHERE
+    never = teardown(config, "x")  # nothing was ever made for it: no hypervisor needed (a Slurm Epilog must not drain)
+    assert never.outcome is Outcome.OK and not never.guest_removed, never.message
+    with Ledger(config.host) as ledger:  # a job the ledger knows may have a guest: that needs the hypervisor
+        ledger.reserve("y", "cms001", None, "demo", 256 * MiB, 1)
+    assert teardown(config, "y").outcome is Outcome.RETRY_ELSEWHERE
+    assert [entry.job_id for entry in live_entries(config)] == ["y"]  # kept for a retry or reap
     assert reap(config).outcome is Outcome.RETRY_ELSEWHERE
 
 

@@ -230,6 +230,29 @@ def test_rejection_reaches_the_user_and_a_users_mistake_never_drains_the_node(cl
     _nothing_left(cluster, site)
 
 
+def test_the_route_sets_the_time_limit_and_unlimited_is_refused_where_walltime_is_capped(cluster, site):
+    """No guest needed: held jobs show what job_submit.lua gave Slurm, then are cancelled."""
+    held = []
+    for extra, limit in (([], "01:00:00"), (["--time=30"], "00:30:00")):  # the site's default: 1h
+        submitted = cluster.run(["sbatch", "--parsable", "--hold", "-D", site["work"], *extra, "--wrap", "true"],
+                                user=USER)
+        assert submitted.returncode == 0, submitted.stderr
+        held.append(submitted.stdout.strip())
+        assert cluster.job(held[-1])["TimeLimit"] == limit, cluster.job(held[-1])
+    try:
+        for too_long in ("--time=UNLIMITED", "--time=10:00:01"):  # queue vms: at most 10h
+            refused = cluster.run(["sbatch", "-p", "grid", too_long, "--wrap", "true"], user=USER)
+            assert refused.returncode != 0 and "blahvm: job rejected" in refused.stderr, (too_long, refused.stderr)
+        # a user may not move a routed job: scontrol says why, not "Unspecified error"
+        moved = cluster.run(["scontrol", "update", f"JobId={held[0]}", "Partition=grid"], user=USER)
+        assert moved.returncode != 0 and "Unspecified error" not in moved.stderr, moved.stderr
+        assert "Access/permission denied" in moved.stderr, moved.stderr
+        assert cluster.job(held[0])["Partition"] == "vms"
+    finally:
+        for job_id in held:
+            cluster.run(["scancel", job_id])
+
+
 def test_scancel_reaches_the_payload(cluster, site):
     out = os.path.join(site["work"], "cancel-%j.out")
     script = "trap 'echo got-term; exit 5' TERM; echo started; while :; do sleep 0.2; done"

@@ -1,7 +1,8 @@
 """Slurm: routing at submission (called by job_submit.lua), Prolog, Epilog and the task wrapper.
 
 - ``route_main``   job_submit.lua runs it in slurmctld with the submission's facts as options; it
-                   prints one line: ``route<TAB>PARTITION<TAB>FEATURES`` or ``reject<TAB>REASON``.
+                   prints one line: ``route<TAB>PARTITION<TAB>FEATURES<TAB>RULE<TAB>MINUTES`` or
+                   ``reject<TAB>REASON``.
 - ``prolog_main``  Prolog (root, ``SLURM_*`` variables only): re-routes, prepares the guest.
                    OK -> 0; RETRY_ELSEWHERE -> ``scontrol requeue`` and 0; FAIL_JOB -> ``scancel``
                    and 0. Never non-zero for a job's own fault: that would drain the node.
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from blahvm.model import Job, Rejection, SiteConfig
 
 NO_VAL = 0xFFFFFFFE  # Slurm's "not set" for 32-bit fields; 64-bit ones come through Lua as big doubles
+INFINITE = 0xFFFFFFFF  # Slurm's "unlimited" (--time=UNLIMITED): the longest walltime there is
+UNLIMITED_SECONDS = INFINITE * 60  # what routing sees for it: above every limit a route or queue sets
 BATCH_SHIM = 'f=$(mktemp) && printf %s "$1" >"$f" && chmod 0700 "$f" && shift && exec "$f" "$@"'
 TASK_FAILED = 255  # the job never ran in its guest
 
@@ -109,7 +112,13 @@ def execution_job(config: "SiteConfig", environ: "Mapping[str, str]") -> "Union[
 
 
 def route_line(config_path: str, argv: "Sequence[str]", cache_dir: "Optional[str]" = None) -> str:
-    """The answer to job_submit.lua for one submission's facts (given as ``--name value`` pairs)."""
+    """The answer to job_submit.lua for one submission's facts (given as ``--name value`` pairs):
+    ``route<TAB>PARTITION<TAB>ENVIRONMENT<TAB>RULE<TAB>MINUTES`` (MINUTES, the decision's walltime as
+    the job's time limit, empty when the decision has none) or ``reject<TAB>REASON``.
+
+    ``--time`` is Slurm's time limit in minutes: NO_VAL (not given) lets the site's defaults apply,
+    INFINITE (``--time=UNLIMITED``) is the longest walltime there is, so every limit refuses it.
+    """
     import pwd
 
     from blahvm.quantities import Duration, Size
@@ -132,7 +141,8 @@ def route_line(config_path: str, argv: "Sequence[str]", cache_dir: "Optional[str
             user = pwd.getpwuid(uid).pw_name
         except KeyError:
             user = None
-    minutes = _number(options.get("time"), limit=0xFFFFFFFE)
+    unlimited = _is_infinite(options.get("time"))
+    minutes = INFINITE if unlimited else _number(options.get("time"), limit=NO_VAL)
     memory_mb = _number(options.get("mem"), limit=2 ** 63)
     cpus = _number(options.get("cpus"))
     constraint = options.get("constraint") or None
@@ -150,9 +160,26 @@ def route_line(config_path: str, argv: "Sequence[str]", cache_dir: "Optional[str
     result = table.decide(tuple(facts[name] for name in FIELDS))
     if result[0] == "route":
         _, rule, queue, environment = result[:4]
-        return f"route\t{queue}\t{environment}\t{rule}"
+        return f"route\t{queue}\t{environment}\t{rule}\t{_time_limit(result[7])}"
     reason = " ".join(str(result[2]).split())
+    if unlimited:  # say what the user asked for, not Slurm's number for it
+        reason = reason.replace(f"walltime {Duration(UNLIMITED_SECONDS)}", "walltime UNLIMITED")
+        reason = reason.replace(f"walltime={Duration(UNLIMITED_SECONDS)}", "walltime=UNLIMITED")
     return f"reject\t{reason}"
+
+
+def _is_infinite(text: "Optional[str]") -> bool:
+    try:
+        return float(text or "") == INFINITE
+    except ValueError:
+        return False
+
+
+def _time_limit(walltime: "Optional[int]") -> str:
+    """The decision's walltime as Slurm's time limit (whole minutes, rounded up); empty: leave it as asked."""
+    if walltime is None or walltime >= UNLIMITED_SECONDS:
+        return ""
+    return str(max(1, -(-int(walltime) // 60)))
 
 
 def route_main(config: str, argv: "Optional[List[str]]" = None, cache_dir: "Optional[str]" = None) -> int:

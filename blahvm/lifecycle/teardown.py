@@ -18,11 +18,16 @@ def teardown(config: SiteConfig, job_id: str) -> TeardownResult:
 
     Idempotent: a job with nothing left is OK. Names come from the ledger when it has a live
     entry, else from the job id (a crash before the ledger knew of them still gets cleaned).
+    A job the ledger never knew had nothing made for it (prepare records every name before
+    making it), so it needs no hypervisor: OK even while the hypervisor is down.
     If the hypervisor cannot be reached the entry stays live (``tearing_down``) for a retry or reap.
     """
     started = time.monotonic()
     try:
         names = job_names(config, job_id)
+        with Ledger(config.host) as ledger:
+            if ledger.get(job_id) is None:
+                return TeardownResult(Outcome.OK, f"job {job_id}: no guest was ever made for it", job_id)
         with Ledger(config.host) as ledger, connect(config) as conn:
             entry = ledger.get(job_id)
             if entry is not None and entry.live:

@@ -1,0 +1,61 @@
+"""The Slurm hooks without a cluster: what job_submit.lua is told, and an Epilog on a broken host."""
+
+from __future__ import annotations
+
+import pytest
+
+from blahvm.batch.slurm import INFINITE, NO_VAL, epilog_main, route_line
+
+SITE = """\
+hypervisor: {{uri: "qemu+unix:///system?socket=/nonexistent/libvirt-sock", pool: p, pool_path: {d}/clones}}
+host: {{max_guests: 1, memory: 2GiB, vcpus: 2, state_dir: {d}/state, run_dir: {d}/run, log_file: {d}/blahvm.log}}
+defaults: {{walltime: 1h}}
+environments:
+  vm: {{image: /nonexistent.qcow2, sha256: "{sha}", memory: 1GiB, vcpus: 1, flavour: kvm}}
+queues: {{grid: {{max_walltime: 2h}}, open: {{}}}}
+routes:
+  - {{name: capped, when: {{queue: grid}}, queue: grid, environment: vm}}
+  - {{name: uncapped, when: {{queue: open}}, queue: open, environment: vm}}
+"""
+
+
+@pytest.fixture
+def site(tmp_path):
+    path = tmp_path / "site.yaml"
+    path.write_text(SITE.format(d=tmp_path, sha="0" * 64))
+    return str(path)
+
+
+def answer(site, tmp_path, partition, time=None):
+    argv = ["--user", "root", "--partition", partition]
+    if time is not None:
+        argv += ["--time", str(time)]
+    return route_line(site, argv, cache_dir=str(tmp_path / "cache")).split("\t")
+
+
+@pytest.mark.parametrize("time, expected", [
+    (None, "60"),  # no --time: the site's default walltime becomes the job's time limit
+    (NO_VAL, "60"),  # what Lua passes when --time was not given
+    (30, "30"),
+    (120, "120"),
+])
+def test_the_routed_walltime_is_the_time_limit_job_submit_sets(site, tmp_path, time, expected):
+    assert answer(site, tmp_path, "grid", time) == ["route", "grid", "vm", "capped", expected]
+
+
+@pytest.mark.parametrize("time", [121, INFINITE])
+def test_unlimited_is_the_longest_walltime_so_a_capped_queue_refuses_it(site, tmp_path, time):
+    kind, reason = answer(site, tmp_path, "grid", time)
+    shown = "UNLIMITED" if time == INFINITE else "121m"
+    assert (kind, reason) == ("reject", f"walltime {shown} exceeds the 2h limit of queue grid (route capped)")
+
+
+def test_unlimited_in_a_queue_without_a_cap_keeps_its_unlimited_time(site, tmp_path):
+    assert answer(site, tmp_path, "open", INFINITE) == ["route", "open", "vm", "uncapped", ""]  # "": left as asked
+
+
+def test_the_epilog_of_a_job_that_never_had_a_guest_needs_no_hypervisor(site, tmp_path):
+    """libvirt down: the Prolog requeued the job before anything was made; its Epilog must not drain the node."""
+    environ = {"SLURM_JOB_ID": "5300001", "SLURMD_NODENAME": "n1", "SLURM_JOB_USER": "nobody"}
+    assert epilog_main(site, environ=environ) == 0
+    assert "no guest was ever made" in (tmp_path / "blahvm.log").read_text()
