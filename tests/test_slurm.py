@@ -146,7 +146,8 @@ def _settle(cluster, job_id):
 def test_sbatch_runs_in_a_guest_with_its_output_and_exit_code(cluster, site):
     script = os.path.join(site["work"], "job.sh")
     with open(script, "w") as stream:
-        stream.write("#!/bin/sh\necho \"in $(uname -r) as $(id -u) args $*\"\necho to-stderr >&2\nexit 7\n")
+        stream.write("#!/bin/sh\necho \"in $(uname -r) as $(id -u) args $*\"\necho \"host $(hostname)\"\n"
+                     "echo to-stderr >&2\nexit 7\n")
     out = os.path.join(site["work"], "sbatch-%j.out")
     submitted = cluster.run(["sbatch", "--parsable", "-D", site["work"], "-o", out, script, "a b", "c"], user=USER)
     assert submitted.returncode == 0, submitted.stderr
@@ -160,6 +161,8 @@ def test_sbatch_runs_in_a_guest_with_its_output_and_exit_code(cluster, site):
     assert "args a b c" in output and f"as {pwd.getpwnam(USER).pw_uid} " in output, output
     assert f"in {host_kernel} " not in output  # it ran in the guest's kernel
     assert "to-stderr" in output
+    (hostname,) = [line.split()[1] for line in output.splitlines() if line.startswith("host ")]
+    assert hostname != "localhost" and hostname.startswith(f"blahvm-{job_id}-"), output  # named after its guest
     _nothing_left(cluster, site)
 
 
