@@ -134,7 +134,9 @@ class SlurmCluster:
             "JobCompType=jobcomp/none",
             "MpiDefault=none",
             "ReturnToService=2",
-            "SchedulerParameters=defer",
+            # one line only (Slurm reads one): the blahvm install's parameters merged into ours
+            "SchedulerParameters=" + ",".join(["defer"] + [line.split("=", 1)[1] for line in self.extra
+                                                           if line.startswith("SchedulerParameters=")]),
             f"StateSaveLocation={self.dir}/state",
             f"SlurmdSpoolDir={self.dir}/spool",
             f"SlurmctldPidFile={self.dir}/slurmctld.pid",
@@ -147,7 +149,7 @@ class SlurmCluster:
             "SlurmdTimeout=60",
             "MinJobAge=120",
             "KillWait=5",
-            *self.extra,
+            *[line for line in self.extra if not line.startswith("SchedulerParameters=")],
             f"NodeName={NODE} NodeHostname=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=4000 State=UNKNOWN {self.node_options}",
         ]
         if not any(line.startswith("PartitionName=") for line in self.extra):

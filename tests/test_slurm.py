@@ -76,8 +76,11 @@ def site(demo_image):
 def cluster(site):
     hooks = os.path.join(site["dir"], "hooks")
     env = dict(os.environ, BLAHVM_CACHE_DIR=os.path.join(site["dir"], "cache"))
+    slurm_dir = os.path.join(site["dir"], "slurm")  # the cluster's slurm.conf is named at install: slurmd
+    os.mkdir(slurm_dir)                               # gives the health check no SLURM_CONF
     installed = subprocess.run([sys.executable, "-m", "blahvm.cli.main", "install", "slurm", "--dir", hooks,
-                                "--config", site["config"], "--task-python", "/usr/bin/python3"],
+                                "--config", site["config"], "--task-python", "/usr/bin/python3",
+                                "--slurm-user", "root", "--slurm-conf", os.path.join(slurm_dir, "slurm.conf")],
                                capture_output=True, text=True, env=env)
     assert installed.returncode == 0, installed.stderr
     lines = [line for line in installed.stdout.splitlines() if line and not line.startswith("#")]
@@ -90,7 +93,8 @@ def cluster(site):
     with SlurmCluster(lines + [f"PartitionName=grid Nodes={NODE} Default=YES MaxTime=INFINITE State=UP",
                                f"PartitionName=vms Nodes={NODE} MaxTime=INFINITE State=UP",
                                ],
-                      node_options=node_options, files={"job_submit.lua": os.path.join(hooks, "job_submit.lua")}) as running:
+                      node_options=node_options, files={"job_submit.lua": os.path.join(hooks, "job_submit.lua")},
+                      directory=slurm_dir) as running:
         running.hooks = hooks
         yield running
 
@@ -302,7 +306,8 @@ def _slot_held_outside_slurm(site):
     nobody = pwd.getpwnam(USER)
     decision = Decision(queue="vms", environment="vm", rule="by-hand", vo=None, memory=Size(256 * 2**20), vcpus=1)
     held = Job(job_id="held-by-hand", user=USER, decision=decision, uid=nobody.pw_uid, gid=nobody.pw_gid)
-    assert prepare(config, held, ready_timeout=None).outcome.name == "OK"
+    made = prepare(config, held, ready_timeout=None)
+    assert made.outcome.name == "OK", made.message
     try:
         yield
     finally:
@@ -335,9 +340,9 @@ def test_no_free_slot_on_the_host_requeues_and_the_job_runs_later(cluster, site)
 
 def test_health_check_offers_the_free_slots_and_drains_only_while_the_host_is_broken(cluster, site, monkeypatch):
     def health(config=None):
-        if config is None:  # the installed hook, as slurmd runs it: root, no PATH, SLURMD_NODENAME
+        if config is None:  # the installed hook, as slurmd runs it: root, no PATH, no SLURM_CONF, SLURMD_NODENAME
             done = subprocess.run([os.path.join(cluster.hooks, "health")], capture_output=True, text=True,
-                                  env={"SLURMD_NODENAME": NODE, "SLURM_CONF": cluster.conf})
+                                  env={"SLURMD_NODENAME": NODE})
             assert (done.returncode, done.stderr) == (0, ""), done
         else:
             from blahvm.batch.slurm import health_main

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from blahvm.batch.slurm import INFINITE, NO_VAL, epilog_main, route_line
+from blahvm.batch.slurm import INFINITE, NO_VAL, epilog_main, health_main, route_line
 
 SITE = """\
 hypervisor: {{uri: "qemu+unix:///system?socket=/nonexistent/libvirt-sock", pool: p, pool_path: {d}/clones}}
@@ -59,3 +59,12 @@ def test_the_epilog_of_a_job_that_never_had_a_guest_needs_no_hypervisor(site, tm
     environ = {"SLURM_JOB_ID": "5300001", "SLURMD_NODENAME": "n1", "SLURM_JOB_USER": "nobody"}
     assert epilog_main(site, environ=environ) == 0
     assert "no guest was ever made" in (tmp_path / "blahvm.log").read_text()
+
+
+def test_a_health_check_that_cannot_find_slurm_conf_says_so(site, monkeypatch, capfd):
+    """slurmd gives HealthCheckProgram no SLURM_CONF: a slurm.conf elsewhere must have been named at install."""
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    assert health_main(site, environ={"SLURMD_NODENAME": "n1"}, slurm_conf="/nonexistent/slurm.conf") == 0
+    said = capfd.readouterr().err
+    assert said.count("\n") == 1 and "slurm.conf not found: /nonexistent/slurm.conf" in said, said
+    assert "--slurm-conf" in said

@@ -14,6 +14,8 @@ def install(tmp_path, *extra):
     config = tmp_path / "site.yaml"
     config.write_text("environments: {}\n")
     hooks = tmp_path / "hooks"
+    if "--slurm-user" not in extra:
+        extra += ("--slurm-user", "root")  # as the test clusters run it; the check as another user is tested below
     done = subprocess.run([sys.executable, "-m", "blahvm.cli.main", "install", "slurm", "--dir", str(hooks),
                            "--config", str(config), *extra], capture_output=True, text=True)
     return done, hooks
@@ -73,3 +75,55 @@ def test_an_unreadable_config_stops_the_install_before_anything_is_written(tmp_p
                            str(tmp_path / "hooks"), "--config", str(config)], capture_output=True, text=True)
     assert done.returncode == 2 and "site.yaml:2" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "hooks").exists()
+
+
+def _readable_by_everyone(tmp_path):
+    """A directory on a path every user can walk (pytest's own tmp_path is root's alone)."""
+    import shutil
+    import tempfile
+
+    where = tempfile.mkdtemp(prefix="blahvm-install-", dir="/var/tmp")
+    os.chmod(where, 0o755)
+    return where, lambda: shutil.rmtree(where, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="becoming SlurmUser needs root")
+def test_the_install_runs_the_route_hook_as_slurm_user(tmp_path):
+    """job_submit.lua runs the route hook as SlurmUser: an interpreter, blahvm or config it cannot read refuses
+    every job, so the install tries it as that user and says so in one line."""
+    where, cleanup = _readable_by_everyone(tmp_path)
+    try:
+        config = os.path.join(where, "site.yaml")
+        with open(config, "w") as stream:
+            stream.write("environments: {}\n")
+        os.chmod(config, 0o644)
+        argv = [sys.executable, "-m", "blahvm.cli.main", "install", "slurm", "--no-spank", "--dir",
+                os.path.join(where, "hooks"), "--config", config, "--slurm-user", "nobody",
+                "--python", "/usr/bin/python3"]
+        done = subprocess.run(argv, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        with open(os.path.join(where, "hooks", "route")) as stream:
+            assert stream.readline().startswith("#!/usr/bin/python3 ")
+        os.chmod(config, 0o600)  # as a site.yaml written by root's umask 077 would be
+        done = subprocess.run(argv, capture_output=True, text=True)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert "SlurmUser nobody cannot run" in done.stderr and "readable by nobody" in done.stderr, done.stderr
+        assert "Permission denied" in done.stderr, done.stderr
+    finally:
+        cleanup()
+
+
+def test_slurm_user_is_read_from_slurm_conf(tmp_path):
+    from blahvm.cli.install_slurm import slurm_user
+
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=x\nSlurmUser=first\n# SlurmUser=commented\nslurmuser=daemon  # the last one wins\n")
+    assert slurm_user(str(conf)) == "daemon"
+
+
+def test_scheduler_parameters_are_to_be_merged_and_the_prolog_and_health_check_know_slurm_conf(tmp_path):
+    done, hooks = install(tmp_path, "--no-spank", "--slurm-conf", "/etc/elsewhere/slurm.conf")
+    assert done.returncode == 0, done.stderr
+    assert any(line.startswith("# merge into an existing SchedulerParameters=") for line in done.stdout.splitlines())
+    for hook in ("health", "prolog"):
+        assert "slurm_conf='/etc/elsewhere/slurm.conf'" in (hooks / hook).read_text()

@@ -207,6 +207,25 @@ def route_main(config: str, argv: "Optional[List[str]]" = None, cache_dir: "Opti
 # -- execution host -------------------------------------------------------------------------------
 
 
+SLURM_CONF = "/etc/slurm/slurm.conf"  # Slurm's own default, when the install named none
+
+
+def slurm_conf_problem(slurm_conf: "Optional[str]") -> "Optional[str]":
+    """Make this hook's Slurm commands read the cluster's slurm.conf; why they cannot, or None.
+
+    slurmd gives HealthCheckProgram (and a Prolog) no ``SLURM_CONF``: without it scontrol reads Slurm's
+    default path, so a slurm.conf elsewhere must be named at install (``--slurm-conf``).
+    """
+    if os.environ.get("SLURM_CONF"):
+        return None
+    path = slurm_conf or SLURM_CONF
+    if not os.path.isfile(path):
+        return (f"slurm.conf not found: {path} is missing and slurmd gave no SLURM_CONF (install with "
+                "--slurm-conf PATH)")
+    os.environ["SLURM_CONF"] = path
+    return None
+
+
 def _slurm_output(slurm_bin: str, *args: str) -> str:
     """A Slurm command's stdout (hooks have no PATH); OSError with its complaint when it fails."""
     done = subprocess.run([os.path.join(slurm_bin, args[0]), *args[1:]], capture_output=True, text=True,
@@ -225,7 +244,8 @@ def _scontrol(slurm_bin: str, *args: str) -> "Optional[str]":
     return None
 
 
-def prolog_main(config: str, slurm_bin: str = "/usr/bin", environ: "Optional[Mapping[str, str]]" = None) -> int:
+def prolog_main(config: str, slurm_bin: str = "/usr/bin", environ: "Optional[Mapping[str, str]]" = None,
+                slurm_conf: "Optional[str]" = None) -> int:
     environ = os.environ if environ is None else environ
     job_id = environ.get("SLURM_JOB_ID", "")
     log_file = None
@@ -236,6 +256,9 @@ def prolog_main(config: str, slurm_bin: str = "/usr/bin", environ: "Optional[Map
         from blahvm.lifecycle import prepare
         from blahvm.model import Outcome, Rejection
 
+        problem = slurm_conf_problem(slurm_conf)
+        if problem:
+            log_event("slurm-prolog", problem, job_id=job_id)
         if not job_id.isdigit():
             log_event("slurm-prolog", f"no usable SLURM_JOB_ID ({job_id!r}): nothing prepared")
             return 0  # not a job: never drain the node for it
@@ -426,7 +449,8 @@ def _host_problem(site) -> "Optional[str]":
     return None
 
 
-def health_main(config: str, slurm_bin: str = "/usr/bin", environ: "Optional[Mapping[str, str]]" = None) -> int:
+def health_main(config: str, slurm_bin: str = "/usr/bin", environ: "Optional[Mapping[str, str]]" = None,
+                slurm_conf: "Optional[str]" = None) -> int:
     """Always 0: Slurm ignores a health check's status; what it does is its scontrol updates."""
     import socket
 
@@ -438,6 +462,7 @@ def health_main(config: str, slurm_bin: str = "/usr/bin", environ: "Optional[Map
         from blahvm.ledger import Ledger, LedgerError
 
         log_file, problem, live, max_guests = None, None, [], 0
+        conf_problem = slurm_conf_problem(slurm_conf)
         try:
             site = load_config(config)
             log_file, max_guests = site.host.log_file, site.host.max_guests
@@ -452,7 +477,9 @@ def health_main(config: str, slurm_bin: str = "/usr/bin", environ: "Optional[Map
             fields = parse_node(_slurm_output(slurm_bin, "scontrol", "show", "node", "-o", node))
             running = [] if problem else _slurm_output(slurm_bin, "squeue", "-h", "-w", node, "-o", "%A").split()
         except (OSError, subprocess.TimeoutExpired) as error:
-            log_event("slurm-health", f"cannot read node {node} from Slurm: {error}", log_file=log_file)
+            said = f"cannot read node {node} from Slurm: {conf_problem or error}"
+            log_event("slurm-health", said, log_file=log_file)
+            _say(f"blahvm slurm-health: {said}")  # loudly: without Slurm this check does nothing
             return 0
         for update in node_updates(node, fields, problem, max_guests, live, running):
             complaint = _scontrol(slurm_bin, "scontrol", *update)

@@ -31,6 +31,15 @@ def add_parser(systems) -> None:
     parser.add_argument("--config", default=None, help="the site config the hooks use (default /etc/blahvm/site.yaml)")
     parser.add_argument("--slurm-bin", default="/usr/bin",
                         help="where scontrol, scancel and squeue are (default /usr/bin)")
+    parser.add_argument("--slurm-conf", default="/etc/slurm/slurm.conf",
+                        help="slurm.conf, for the scontrol the Prolog and health check run: slurmd gives "
+                             "HealthCheckProgram no SLURM_CONF (default /etc/slurm/slurm.conf)")
+    parser.add_argument("--slurm-user", default=None,
+                        help="the SlurmUser that runs the route hook inside slurmctld: the install checks, as that "
+                             "user, that it can run it (default: SlurmUser in --slurm-conf, else 'slurm' if it exists)")
+    parser.add_argument("--python", default=None,
+                        help="the interpreter of the root and SlurmUser hooks (default: the one running this "
+                             "command); it must be executable by SlurmUser")
     parser.add_argument("--task-python", default=None,
                         help="the interpreter of the task wrapper, which runs as the job's user: it must be one "
                              "every user can execute (default: the one running this command)")
@@ -60,9 +69,11 @@ def run(args: argparse.Namespace) -> int:
 
     directory = os.path.abspath(args.dir)
     config = os.path.abspath(args.config or DEFAULT_PATH)
-    checked = [("--dir", directory), ("--config", config), ("--slurm-bin", args.slurm_bin)]
-    if args.task_python:
-        checked.append(("--task-python", args.task_python))
+    checked = [("--dir", directory), ("--config", config), ("--slurm-bin", args.slurm_bin),
+               ("--slurm-conf", args.slurm_conf)]
+    for label, value in (("--python", args.python), ("--task-python", args.task_python)):
+        if value:
+            checked.append((label, value))
     for label, path in checked:
         problem = _problem(path)
         if problem:
@@ -77,10 +88,9 @@ def run(args: argparse.Namespace) -> int:
         os.makedirs(directory, mode=0o755, exist_ok=True)
         paths = {}
         for name, function in HOOKS:
-            extra = {"slurm_bin": args.slurm_bin} if name in ("prolog", "health") else None
-            text = hook_script("slurm", "blahvm.batch.slurm", function, config, extra)
-            if name == "task" and args.task_python:
-                text = f"#!{args.task_python} -IS\n" + text.split("\n", 1)[1]
+            extra = {"slurm_bin": args.slurm_bin, "slurm_conf": args.slurm_conf} if name in ("prolog", "health") else None
+            python = (args.task_python or args.python) if name == "task" else args.python
+            text = hook_script("slurm", "blahvm.batch.slurm", function, config, extra, python=python)
             paths[name] = os.path.join(directory, name)
             install_file(paths[name], text, 0o755)
         with open(TEMPLATE) as stream:
@@ -94,12 +104,17 @@ def run(args: argparse.Namespace) -> int:
                          f"required {directory}/blahvm_spank.so task={paths['task']}\n", 0o644)
     except OSError as error:
         return fail(f"cannot install into {directory}: {error.strerror or error}")
+    user = args.slurm_user or slurm_user(args.slurm_conf)
+    problem = route_problem(paths["route"], user)
+    if problem:
+        return fail(problem)
     print(f"""# blahvm: add to slurm.conf on every host, then copy {directory}/job_submit.lua next to slurm.conf
 JobSubmitPlugins=lua
 GresTypes=blahvm
 Prolog={paths['prolog']}
 Epilog={paths['epilog']}
 PrologFlags=Alloc,NoHold
+# merge into an existing SchedulerParameters= line (Slurm reads only one), e.g. SchedulerParameters=defer,nohold_on_prolog_fail
 SchedulerParameters=nohold_on_prolog_fail
 HealthCheckProgram={paths['health']}
 HealthCheckInterval=60
@@ -111,6 +126,53 @@ HealthCheckInterval=60
         print(f"""# every srun task runs in the guest: use this plugstack.conf, or include it from yours
 PlugStackConfig={directory}/plugstack.conf""")
     return 0
+
+
+def slurm_user(slurm_conf: str) -> "str | None":
+    """SlurmUser from slurm.conf (its last setting), else ``slurm`` when that user exists, else None."""
+    import pwd
+
+    user = None
+    try:
+        with open(slurm_conf) as stream:
+            for line in stream:
+                key, _, value = line.split("#", 1)[0].strip().partition("=")
+                if key.strip().lower() == "slurmuser" and value.strip():
+                    user = value.strip()
+    except OSError:
+        pass
+    if user is None:
+        try:
+            pwd.getpwnam("slurm")
+        except KeyError:
+            return None
+        user = "slurm"
+    return user
+
+
+def route_problem(route: str, user: "str | None") -> "str | None":
+    """Why ``user`` (SlurmUser: job_submit.lua runs the route hook as it) cannot run the route hook, or None.
+
+    Run for real, as that user, with no facts: its interpreter, blahvm and the site config must all be
+    readable by it, or every submission is refused.
+    """
+    import shutil
+    import subprocess
+
+    if not user or user == "root" or os.geteuid() != 0:
+        return None  # root reads everything; only root can become another user
+    runuser = shutil.which("runuser", path="/usr/sbin:/sbin:/usr/bin:/bin") or "runuser"
+    argv = [runuser, "-u", user, "--", route]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, cwd="/",
+                              env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"cannot run the route hook as SlurmUser {user}: {error}"
+    if done.returncode == 0 and done.stdout.startswith(("route\t", "reject\t")):
+        return None
+    said = " ".join((done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1].split())[:300]
+    return (f"SlurmUser {user} cannot run {route} ({said}): the interpreter (--python), blahvm and the site "
+            f"config must be readable by {user}, or every job is refused")
 
 
 def node_line(config_path: str) -> str:
