@@ -403,6 +403,12 @@ def test_starter_and_post_exec_without_a_guest(site):
     run = lsf.run_job_starter(site["serverdir"], env, "/bin/echo hello", "nobody", "/tmp")
     assert run.returncode == 255 and run.stdout == b""
     assert run.stderr.startswith(b"blahvm: job 21 could not run in its guest") and run.stderr.count(b"\n") == 1
+    # a job environment over what one agent frame holds: refused with one clear line, not "internal error"
+    big = dict(env, **{f"BIG{n}": "x" * 110_000 for n in range(10)})
+    refused = lsf.run_job_starter(site["serverdir"], big, "/bin/echo hello", "nobody", "/tmp")
+    assert refused.returncode == 255 and refused.stdout == b"", refused
+    assert refused.stderr.count(b"\n") == 1 and b"more than the" in refused.stderr and b"internal error" not in \
+        refused.stderr, refused.stderr
     empty = lsf.run_job_starter(site["serverdir"], env, "", "nobody", "/tmp")
     assert empty.returncode == 255 and b"got no command" in empty.stderr
     # teardown cannot reach libvirt: reported, never relied on

@@ -1,4 +1,9 @@
-"""The elim: report free guest slots and which environments fit, for LSF's scheduler.
+"""The elim: report the host's guest slots and which environments fit, for LSF's scheduler.
+
+``blahvm_slots`` is the number of guests LSF may run here: free slots plus those held by guests of
+jobs now. The esub reserves one for each job (``rusage[blahvm_slots=1]``) and LSF subtracts the
+reservations of running jobs from what the elim reports: reporting only the *free* slots would
+count every running guest twice (seen on volclava 2.2: one guest at a time with ``max_guests: 2``).
 
 Protocol (LIM reads our stdout): ``N name1 value1 ... nameN valueN`` on one line, written whole.
 The values are sampled every ``interval`` seconds (15, LIM's own period) and a line goes out when
@@ -24,6 +29,8 @@ REPEAT_EVERY = 4  # samples: an unchanged line is repeated this often
 def sample(config) -> List[Tuple[str, int]]:
     """(resource, value) pairs for this host now."""
     from blahvm.hypervisor.errors import HypervisorError
+    from blahvm.ledger import Ledger
+    from blahvm.ledger.errors import LedgerError
     from blahvm.lifecycle import capacity
     from blahvm.lifecycle._common import connect
     from blahvm.model import Outcome
@@ -38,8 +45,14 @@ def sample(config) -> List[Tuple[str, int]]:
     free = capacity(config)
     if free.outcome is not Outcome.OK:
         return zeros
+    try:
+        with Ledger(config.host) as ledger:
+            held = len(ledger.live())
+    except LedgerError:
+        return zeros
     fitting = set(free.environments)
-    return [(SLOTS, max(free.guests, 0))] + [
+    slots = min(max(free.guests, 0) + held, config.host.max_guests)
+    return [(SLOTS, slots)] + [
         (environment_resource(name), int(name in fitting)) for name in sorted(config.environments)
     ]
 

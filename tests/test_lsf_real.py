@@ -1,0 +1,225 @@
+"""The LSF plugin on a real volclava 2.2 (tests/lava_cluster.py) and real guests, set up as docs/lsf.md
+says: ``blahvm install lsf``, esub.blahvm with LSB_ESUB_METHOD=blahvm, the elim's resources in
+lsf.shared and the ResourceMap, a routing queue ``grid`` and an execution queue ``short`` with
+PRE_EXEC / JOB_STARTER / POST_EXEC run as root (``PRE_POST_EXEC_USER = root``). Jobs are submitted
+with bsub as ``rbuser`` from a directory of theirs.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import yaml
+
+from tests.lava_cluster import BINDIR, ENVDIR, Lava, available
+from tests.real_batch import SUBMIT_USER
+
+pytestmark = pytest.mark.guest
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # every user runs the esub and the starter; the venv's lives under /root
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def _virsh(*args):
+    return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def lava(demo_image):
+    why = available()
+    if why:
+        pytest.skip(why)
+    from blahvm.hypervisor.kvm import resolve_domain_type
+
+    directory = tempfile.mkdtemp(prefix="blahvm-test-lava-", dir="/var/tmp")
+    os.chmod(directory, 0o755)
+    pool = f"blahvm-test-lava-{os.getpid()}"
+    vm = yaml.safe_load(demo_image.environment_yaml("vm"))["vm"]
+    config = {
+        "hypervisor": {"uri": "qemu:///system", "pool": pool, "pool_path": f"{directory}/clones",
+                       "domain_type": resolve_domain_type("auto")},
+        "host": {"max_guests": 2, "memory": "4GiB", "vcpus": 2, "state_dir": f"{directory}/state",
+                 "run_dir": f"/run/blahvm-lava-{os.getpid()}", "log_file": f"{directory}/blahvm.log"},
+        "defaults": {"walltime": "1h", "cores": 1},
+        "vo_mapping": [{"account": "^(?P<vo>cms|atlas)$"}],
+        "environments": {"vm": vm},
+        "queues": {"grid": {}, "short": {"max_walltime": "10h"}},
+        "routes": [
+            {"name": "cms-short", "when": {"queue": "grid", "vo": "cms", "walltime": "<= 10h"},
+             "queue": "short", "environment": "vm"},
+            {"name": "nobody-else", "reject": "no execution environment is offered to this VO"},
+        ],
+    }
+    os.makedirs(f"{directory}/state", mode=0o755)
+    path = os.path.join(directory, "site.yaml")
+    with open(path, "w") as stream:
+        yaml.safe_dump(config, stream)
+    os.chmod(path, 0o644)
+    user = pwd.getpwnam(SUBMIT_USER)
+    work = os.path.join(directory, "work")
+    os.mkdir(work)
+    os.chown(work, user.pw_uid, user.pw_gid)
+    hooks = os.path.join(directory, "hooks")
+    os.mkdir(hooks, 0o755)
+    installed = subprocess.run(
+        [sys.executable, "-m", "blahvm.cli.main", "install", "lsf", "--serverdir", hooks, "--config", path,
+         "--cache-dir", os.path.join(directory, "cache"), "--elim-name", "elim", "--python", SYSTEM_PYTHON,
+         "--lsf-envdir", ENVDIR], capture_output=True, text=True, timeout=120)
+    assert installed.returncode == 0, installed.stderr
+    cluster = Lava()
+    try:
+        cluster.up()
+        cluster.run([f"{BINDIR}/bkill", "-u", "all", "0"])  # jobs an interrupted run left queued
+        cluster.driver("install-esub", os.path.join(hooks, "esub.blahvm"), "blahvm")
+        for resource in ("blahvm_slots", "blahvm_env_vm"):
+            cluster.driver("install-elim", os.path.join(hooks, "elim"), resource)
+        cluster.driver("queue", "grid", "DESCRIPTION=submit here; blahvm routes to short")
+        cluster.driver("queue", "short", f"PRE_EXEC={hooks}/blahvm-pre-exec", f"JOB_STARTER={hooks}/blahvm-job-starter",
+                       f"POST_EXEC={hooks}/blahvm-post-exec", "PRE_POST_EXEC_USER=root", "RUNLIMIT=600")
+        cluster.site = {"config": path, "dir": directory, "work": work, "pool": pool,
+                        "run_dir": config["host"]["run_dir"]}
+        yield cluster
+    finally:
+        # The queues and the elim's resources stay defined (the next run replaces them; removing a queue
+        # waits on mbatchd for minutes); no esub is left to refuse other people's bsub.
+        cluster.driver("install-esub", "--remove")
+        cluster.driver("down", check=False)
+        for name in _virsh("list", "--all", "--name").stdout.split():
+            if name.startswith("blahvm-") and pool in _virsh("dumpxml", name).stdout:
+                _virsh("destroy", name)
+                _virsh("undefine", name)
+        _virsh("pool-destroy", pool)
+        _virsh("pool-undefine", pool)
+        shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(config["host"]["run_dir"], ignore_errors=True)
+
+
+def _log(lava) -> str:
+    try:
+        with open(os.path.join(lava.site["dir"], "blahvm.log")) as stream:
+            return stream.read()[-4000:]
+    except OSError:
+        return "(no blahvm log)"
+
+
+def _output(path: str) -> str:
+    """The job's own output in an LSF -o file (LSF puts its report around it)."""
+    with open(path, errors="replace") as stream:
+        text = stream.read()
+    marker = "The output (if any) follows:\n\n"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+        text = text.split("\n\nPS:\n", 1)[0]
+    return text
+
+
+def _nothing_left(lava):
+    site = lava.site
+    volumes = _virsh("vol-list", site["pool"]).stdout
+    assert ".qcow2" not in volumes, volumes
+    assert not os.path.isdir(site["run_dir"]) or os.listdir(site["run_dir"]) == []
+    from blahvm.config import load_config
+    from blahvm.ledger import Ledger
+
+    with Ledger(load_config(site["config"]).host) as ledger:
+        assert [entry.job_id for entry in ledger.live()] == []
+
+
+def _settled(lava, timeout: float = 120):
+    """Wait until POST_EXEC has torn every guest down."""
+    from blahvm.config import load_config
+    from blahvm.ledger import Ledger
+
+    config = load_config(lava.site["config"])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with Ledger(config.host) as ledger:
+            if not ledger.live():
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"guests still live after {timeout}s\n{_log(lava)}")
+
+
+def _submit(lava, args, **options) -> str:
+    """bsub from the site's directory (root's: not shared with the guest) with output into the user's.
+
+    The daemons run under ``ip netns exec``, which gives them a mount namespace of their own: a share
+    PRE_EXEC pins there is not what libvirt's virtiofsd sees, so these jobs share no directory. Real
+    daemons run in the host's mount namespace; the share itself is tested in tests/test_jobfiles.py.
+    """
+    work = lava.site["work"]
+    submitted = lava.bsub(["-o", f"{work}/%J.out", "-e", f"{work}/%J.err", *args], cwd=lava.site["dir"], **options)
+    assert submitted.returncode == 0, (submitted.stdout, submitted.stderr)
+    return lava.job_id(submitted)
+
+
+def test_command_job_runs_in_a_guest_with_its_output_and_exit_code(lava):
+    job_id = _submit(lava, ["-q", "grid", "-P", "cms", "/bin/sh", "-c",
+                            f"cat {BOOT_ID}; id -u; echo to-stderr >&2; exit 3"])
+    fields = lava.wait(job_id)
+    assert fields["STAT"] == "EXIT" and fields["QUEUE"] == "short", (fields, _log(lava))
+    assert lava.exit_status(job_id) == 3, _log(lava)
+    work = lava.site["work"]
+    boot_id, uid = _output(f"{work}/{job_id}.out").split()
+    with open(BOOT_ID) as stream:
+        assert boot_id != stream.read().strip()  # another kernel answered: the guest's
+    assert uid == str(pwd.getpwnam(SUBMIT_USER).pw_uid)
+    with open(f"{work}/{job_id}.err") as stream:
+        assert stream.read() == "to-stderr\n"
+    _settled(lava)
+    _nothing_left(lava)
+
+
+def test_script_job_runs_in_a_guest(lava):
+    script = "#!/bin/sh\necho script in $(uname -r)\nexit 5\n"
+    job_id = _submit(lava, ["-q", "grid", "-P", "cms"], input=script)
+    fields = lava.wait(job_id)
+    assert fields["QUEUE"] == "short" and lava.exit_status(job_id) == 5, (fields, _log(lava))
+    output = _output(f"{lava.site['work']}/{job_id}.out")
+    assert output.startswith("script in ") and os.uname().release not in output, output
+    _settled(lava)
+    _nothing_left(lava)
+
+
+def test_rejection_reaches_the_user_with_its_reason(lava):
+    rejected = lava.bsub(["-q", "grid", "-P", "atlas2", "/bin/true"], cwd=lava.site["dir"])
+    assert rejected.returncode != 0 and "Job <" not in rejected.stdout
+    assert "blahvm: job rejected: no execution environment is offered to this VO" in rejected.stderr, rejected.stderr
+
+
+def test_the_project_comes_from_lsf_not_from_the_users_environment(lava):
+    """volclava sets no LSB_PROJECT_NAME: a -P cms job runs whatever the submitter's environment says."""
+    job_id = _submit(lava, ["-q", "grid", "-P", "cms", "/bin/sh", "-c", "exit 4"], env={"LSB_PROJECT_NAME": "atlas"})
+    fields = lava.wait(job_id)
+    assert fields["PROJ_NAME"] == "cms" and lava.exit_status(job_id) == 4, (fields, _log(lava))
+    _settled(lava)
+    _nothing_left(lava)
+
+
+def test_two_guests_run_at_once_on_max_guests_2(lava):
+    """The elim reports the guest slots, the esub reserves one per job: 4 jobs on 2 slots, 2 at a time."""
+    from blahvm.config import load_config
+    from blahvm.ledger import Ledger
+
+    ids = [_submit(lava, ["-q", "grid", "-P", "cms", "/bin/sh", "-c", "sleep 15"]) for _ in range(4)]
+    host = load_config(lava.site["config"]).host
+    most = 0
+    deadline = time.monotonic() + 900
+    while not all(lava.job(job_id).get("STAT") in ("DONE", "EXIT") for job_id in ids):
+        assert time.monotonic() < deadline, [lava.job(job_id) for job_id in ids]
+        with Ledger(host) as ledger:
+            most = max(most, len(ledger.live()))
+        time.sleep(0.5)
+    for job_id in ids:
+        lava.wait(job_id)
+    assert [lava.exit_status(job_id) for job_id in ids] == [0, 0, 0, 0], _log(lava)
+    assert most == 2, _log(lava)
+    _settled(lava)
+    _nothing_left(lava)
