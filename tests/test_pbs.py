@@ -80,7 +80,8 @@ def test_prologue_argv_is_accepted_in_exactly_the_two_conventions(argv):
     try:
         job = pbs.parse_prologue_argv(argv)
     except pbs.BadArguments as error:
-        assert len(argv) in (0, 1, 2, 5, 6) or not argv[0].strip() or not argv[1]
+        control = any(ord(c) < 32 or ord(c) == 127 for c in "".join(argv[:2]))
+        assert len(argv) in (0, 1, 2, 5, 6) or not argv[0].strip() or not argv[1] or control
         assert "\n" not in str(error)
         return
     assert len(argv) in (3, 4) or len(argv) >= 7
@@ -93,6 +94,10 @@ def test_prologue_argv_is_accepted_in_exactly_the_two_conventions(argv):
 @given(st.lists(words, min_size=10, max_size=12), st.integers(-300, 300))
 def test_epilogue_reads_the_tenth_argument_as_the_exit_status(argv, status):
     argv[9] = str(status)
+    if any(ord(c) < 32 or ord(c) == 127 for c in "".join(argv[:2])):  # a job id or user no mom passes
+        with pytest.raises(pbs.BadArguments, match="control characters"):
+            pbs.parse_epilogue_argv(argv)
+        return
     job, code = pbs.parse_epilogue_argv(argv)
     assert code == status and job.job_id == argv[0] and job.queue == pbs._field(argv[7])
 
@@ -234,6 +239,31 @@ def test_torque_prologue_of_a_job_the_rules_refuse_aborts_it(installed):
         b"short: no execution environment is offered to this VO\n"
 
 
+@pytest.mark.parametrize("resources", ["walltime=01:00:00,ncpus=" + "9" * 5000,
+                                       "walltime=01:00:00,select=" + "9" * 5000 + ":ncpus=1",
+                                       "walltime=01:00:00,select=1:ncpus=" + "9" * 5000,
+                                       "walltime=01:00:00,mem=" + "9" * 5000 + "gb"])
+def test_a_jobs_absurd_request_aborts_it_and_never_requeues(installed, resources):
+    """A 5,000-digit ncpus or select is the job's own bad request (FAIL_JOB, exit 1), not a reason to requeue
+    it forever (exit 2)."""
+    home, _ = installed
+    argv = ["8.torque", "nobody", "nogroup", "job", resources, "short", ""]
+    ran = pbs_harness.run_script(str(home / "mom_priv" / "prologue"), argv, cwd=str(home / "mom_priv"))
+    assert ran.code == pbs.EXIT_ABORT and ran.stdout == b"", ran
+    assert ran.stderr.startswith(b"blahvm: prologue: job 8.torque: ") and ran.stderr.count(b"\n") == 1, ran
+    assert len(ran.stderr) < 300
+
+
+@pytest.mark.parametrize("job_id", ["9.vm\r", "9\x1b[2J.vm", "9.vm\x7f"])
+def test_prologue_refuses_job_ids_with_control_characters(installed, job_id):
+    home, _ = installed
+    ran = pbs_harness.run_script(str(home / "mom_priv" / "prologue"), [job_id, "nobody", "nogroup"],
+                                 cwd=str(home / "mom_priv"))
+    assert ran.code == pbs.EXIT_ABORT and ran.stdout == b""
+    assert ran.stderr.count(b"\n") == 1 and b"\x1b" not in ran.stderr and b"\r" not in ran.stderr
+    assert b"has control characters" in ran.stderr
+
+
 def test_openpbs_prologue_requeues_when_qstat_cannot_say(installed, tmp_path):
     home, _ = installed
     (tmp_path / "qstat.json").write_text("not json")
@@ -342,3 +372,33 @@ def test_a_hook_without_its_config_file_rejects_with_one_line(installed, tmp_pat
         "type": "execjob_begin", "hook_config": str(tmp_path / "missing.json"), "job": {"id": "5.vm"}})
     assert done["verdict"] == "reject" and done["rerun"]
     assert done["message"].startswith("blahvm hook: cannot start: [Errno 2]") and "\n" not in done["message"]
+
+
+def test_the_script_path_openpbs_writes_on_stdin_becomes_the_script(tmp_path):
+    """OpenPBS writes PBS_HOME/mom_priv/jobs/ID.SC (brackets escaped) on the shell's stdin: the guest gets
+    the file's text; anything else on stdin passes unchanged."""
+    jobs = tmp_path / "mom_priv" / "jobs"
+    jobs.mkdir(parents=True)
+    script = jobs / "12[3].vm.SC"
+    script.write_text("echo the script\n")
+
+    def through(data: bytes, uid: int = os.getuid()) -> bytes:
+        read, write = os.pipe()
+        os.write(write, data)
+        os.close(write)
+        try:
+            fd = pbs.script_stdin(uid, read)
+            try:
+                return os.read(fd, 1 << 20)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(read)
+
+    escaped = str(script).replace("[", "\\[").replace("]", "\\]")
+    assert through(f"{escaped}\n".encode()) == b"echo the script\n"
+    assert through(f"{escaped}\n".encode(), uid=os.getuid() + 1) == f"{escaped}\n".encode()  # not the user's
+    assert through(b"echo Torque passes the text\n") == b"echo Torque passes the text\n"
+    big = b"x" * 10000 + b"\n"
+    assert through(big) == big
+    assert through(b"") == b""

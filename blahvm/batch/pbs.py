@@ -88,9 +88,21 @@ def _field(value: str) -> Optional[str]:
 
 
 def _need(value: str, what: str) -> str:
-    if not value or any(c in value for c in "\0\n"):
-        raise BadArguments(f"the {what} argument {value!r} is empty or not one line")
+    """A job id or user as the mom passes it: one printable line (a control character such as CR or
+    ESC would rewrite the log line or terminal it is shown on)."""
+    if not value or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise BadArguments(f"the {what} argument {value[:100]!r} is empty or has control characters")
     return value
+
+
+MAX_DIGITS = 18  # a count PBS could hold; more is a job's bad request, never our failure
+
+
+def _whole(text: str, what: str) -> int:
+    if not (text.isascii() and text.isdigit()) or len(text) > MAX_DIGITS:
+        raise QuantityError(f"{what} {text[:40]!r}{'...' if len(text) > 40 else ''}: expected a whole number "
+                            f"of at most {MAX_DIGITS} digits")
+    return int(text)
 
 
 def parse_prologue_argv(argv: Sequence[str]) -> PbsJob:
@@ -132,7 +144,7 @@ def parse_resource_list(text: str) -> Tuple[Tuple[str, str], ...]:
     return tuple(pairs)
 
 
-_SIZE = re.compile(r"([0-9]+)\s*([kmgtp]?)([bw]?)", re.IGNORECASE)
+_SIZE = re.compile(r"([0-9]{1,18})\s*([kmgtp]?)([bw]?)", re.IGNORECASE)
 _SCALE = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
 
 
@@ -141,7 +153,7 @@ def parse_pbs_size(text: str) -> Size:
     no unit means bytes, a word is 8 bytes (PBS's own rule)."""
     match = _SIZE.fullmatch(str(text).strip())
     if match is None:
-        raise QuantityError(f"size {text!r}: expected a PBS size such as 2gb, 512mb or 1048576")
+        raise QuantityError(f"size {str(text)[:40]!r}: expected a PBS size such as 2gb, 512mb or 1048576")
     number, scale, unit = match.groups()
     return Size(int(number) * 1024 ** _SCALE[scale.lower()] * (8 if unit.lower() == "w" else 1))
 
@@ -149,8 +161,8 @@ def parse_pbs_size(text: str) -> Size:
 def parse_pbs_duration(text: str) -> Duration:
     """A PBS duration: ``[[HH:]MM:]SS[.fraction]`` or plain seconds (fractions are dropped)."""
     text = str(text).strip()
-    if not re.fullmatch(r"[0-9]{1,12}(:[0-9]{1,12}){0,2}(\.[0-9]*)?", text):
-        raise QuantityError(f"walltime {text!r}: expected [[HH:]MM:]SS or seconds")
+    if not re.fullmatch(r"[0-9]{1,12}(:[0-9]{1,12}){0,2}(\.[0-9]{0,12})?", text):
+        raise QuantityError(f"walltime {text[:40]!r}: expected [[HH:]MM:]SS or seconds")
     seconds = 0
     for part in text.split(".")[0].split(":"):
         seconds = seconds * 60 + int(part)
@@ -162,11 +174,11 @@ def _chunk_total(spec: str, name: str) -> Optional[int]:
     total, found = 0, False
     for chunk in spec.split("+"):
         parts = chunk.split(":")
-        count = int(parts[0]) if parts[0].isdigit() else 1
+        count = _whole(parts[0], "chunk count") if parts[0].isdigit() else 1
         for part in parts:
             key, _, value = part.partition("=")
             if key == name and value.isdigit():
-                total, found = total + count * int(value), True
+                total, found = total + count * _whole(value, name), True
     return total if found else None
 
 
@@ -177,9 +189,7 @@ def submission_of(job: PbsJob) -> Submission:
     cores: Optional[int] = None
     ncpus = job.resource("ncpus") or job.resource("procs")
     if ncpus is not None:
-        if not ncpus.isdigit():
-            raise QuantityError(f"ncpus {ncpus!r}: expected a whole number")
-        cores = int(ncpus)
+        cores = _whole(ncpus, "ncpus")
     else:
         for spec, name in ((job.resource("select"), "ncpus"), (job.resource("nodes"), "ppn")):
             if spec and cores is None:
@@ -200,7 +210,7 @@ def _chunk_total_sizes(spec: str) -> Optional[Size]:
     total, found = 0, False
     for chunk in spec.split("+"):
         parts = chunk.split(":")
-        count = int(parts[0]) if parts[0].isdigit() else 1
+        count = _whole(parts[0], "chunk count") if parts[0].isdigit() else 1
         for part in parts:
             key, _, value = part.partition("=")
             if key == "mem":
@@ -426,6 +436,58 @@ def payload_of(argv: Sequence[str]) -> Tuple[List[str], bool]:
     return argv, False
 
 
+_SCRIPT_PATH = re.compile(r"(/(?:[^\n]*/)?mom_priv/jobs/[^/\n]+\.SC)\n?\Z")
+SCRIPT_NAME_MAX = 4096
+
+
+def script_stdin(uid: int, fd: int = 0) -> int:
+    """The fd the job's shell reads its script from in the guest.
+
+    The OpenPBS mom writes the *path* of the script, ``PBS_HOME/mom_priv/jobs/ID.SC`` (brackets
+    escaped), on the shell's stdin, not its text; that path is not in the guest. When stdin is exactly
+    such a line naming a regular file of the job's user (the mom chowns it to them), the file is
+    opened in its place. Anything else (Torque passes the script itself) is passed on unchanged,
+    bytes already read included.
+    """
+    read = b""
+    while len(read) <= SCRIPT_NAME_MAX:
+        chunk = os.read(fd, SCRIPT_NAME_MAX + 1 - len(read))
+        if not chunk:
+            break
+        read += chunk
+    else:
+        return _replay(read, fd)
+    match = _SCRIPT_PATH.match(read.decode("utf-8", "replace"))
+    if match:
+        path = match.group(1).replace("\\[", "[").replace("\\]", "]")
+        try:
+            opened = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            opened = -1
+        if opened >= 0:
+            status = os.fstat(opened)
+            import stat as stat_module
+
+            if stat_module.S_ISREG(status.st_mode) and status.st_uid == uid:
+                return opened
+            os.close(opened)
+    return _replay(read, None)
+
+
+def _replay(read: bytes, rest: Optional[int]) -> int:
+    """An fd that gives ``read`` and then whatever is left on ``rest``."""
+    memory = os.memfd_create("blahvm-stdin")
+    os.write(memory, read)
+    if rest is not None:
+        while True:
+            chunk = os.read(rest, 1 << 16)
+            if not chunk:
+                break
+            os.write(memory, chunk)
+    os.lseek(memory, 0, os.SEEK_SET)
+    return memory
+
+
 def launch_job_of(job_id: str, workdir: Optional[str]):
     """A Job enough for ``launch`` (run as the job's user: its uid, gid and the prepared socket)."""
     from blahvm.model import Decision, Job
@@ -461,15 +523,22 @@ def job_starter(config: str, argv: Optional[List[str]] = None, log_file: Optiona
             _say("job starter: PBS_JOBID is not set: not started by a PBS mom")
             return LAUNCH_FAILED
         site = _load(config)
-        payload, _ = payload_of(argv)
+        payload, script_job = payload_of(argv)
         workdir = job_workdir(os.environ)
         try:
             here = os.getcwd()
         except OSError:
             here = None
+        if not shared_dir(workdir, os.getuid()):
+            workdir = None  # not shared: the payload runs in the guest's own directory
         cwd = here if here and workdir and _inside(here, workdir) else workdir
-        return launch(site, launch_job_of(job_id, workdir), payload, env=dict(os.environ), cwd=cwd,
-                      stdin=0, stdout=1, stderr=2)
+        stdin = script_stdin(os.getuid()) if script_job else 0
+        try:
+            return launch(site, launch_job_of(job_id, workdir), payload, env=dict(os.environ), cwd=cwd,
+                          stdin=stdin, stdout=1, stderr=2)
+        finally:
+            if stdin != 0:
+                os.close(stdin)
 
     return run_hook("job_starter", body, on_error=LAUNCH_FAILED, log_file=log_file)
 
@@ -591,10 +660,42 @@ def _queuejob(pbs, event, site, log_file) -> None:
               user=facts.user, vo=decision.vo, log_file=log_file)
 
 
+def begin_workdir(job, user: str) -> Optional[str]:
+    """The directory the job will run in, known at ``execjob_begin``: ``e.job.jobdir`` once OpenPBS has
+    set it; before that (23.06 sets it only after execjob_begin and execjob_prologue, in
+    ``start_exec.c``) the one OpenPBS will use, ``PBS_JOBDIR``: the user's home directory, as it is
+    without ``sandbox=PRIVATE`` (whose private directory does not exist yet: none is shared then)."""
+    jobdir = _text(getattr(job, "jobdir", None))
+    if jobdir and jobdir.startswith("/"):
+        return jobdir
+    sandbox = _text(getattr(job, "sandbox", None))
+    if sandbox and sandbox.upper() == "PRIVATE":
+        return None
+    try:
+        account = pwd.getpwnam(user)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return account.pw_dir if shared_dir(account.pw_dir, account.pw_uid) else None
+
+
+def shared_dir(path: Optional[str], uid: int) -> bool:
+    """Whether the job's directory is shared with its guest: an absolute directory its (non-root) user
+    owns, the rule ``prepare`` enforces. Checked alike at execjob_begin and by the starter."""
+    if not path or not path.startswith("/") or uid == 0:
+        return False
+    try:
+        status = os.lstat(path)
+    except (OSError, ValueError):
+        return False
+    import stat as stat_module
+
+    return stat_module.S_ISDIR(status.st_mode) and status.st_uid == uid
+
+
 def _begin(pbs, event, site, settings, log_file) -> None:
     job = event.job
     facts = job_from_hook(pbs, job)
-    workdir = _text(getattr(job, "jobdir", None))
+    workdir = begin_workdir(job, facts.user)
     budget = float(settings.get("budget", DEFAULT_BUDGET))
     try:
         answer = _bounded(budget, lambda: prepare_job(site, facts, workdir if workdir and workdir.startswith("/")

@@ -28,6 +28,10 @@ def add_parser(systems) -> None:
                              "(default: $PBS_EXEC/bin/qstat from /etc/pbs.conf)")
     parser.add_argument("--budget", type=float, default=25.0, metavar="SECONDS",
                         help="seconds prepare may take, below $prologalarm and the hook's alarm (default 25)")
+    parser.add_argument("--openpbs", action="store_true",
+                        help="OpenPBS / PBS Pro: the hook does everything; no classic prologue or epilogue is "
+                             "written (the mom would run them as well as the hook) and an existing blahvm one is "
+                             "removed. Without it: Torque's prologue, epilogue and $job_starter")
     parser.add_argument("--python", metavar="PATH",
                         help="interpreter fixed into the scripts (default: this one); the job starter runs as "
                              "every job's user, so it must be executable by all")
@@ -73,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
          json.dumps({"path": import_paths(), "config": config, "job_starter": starter, "budget": args.budget},
                     indent=2) + "\n", 0o644),
     )
+    classic = tuple(os.path.join(mom_priv, name) for name in ("prologue", "epilogue"))
+    if args.openpbs:
+        files = tuple(entry for entry in files if entry[0] not in classic)
     if args.python:
         shebang = f"#!{sys.executable} "
         files = tuple((path, text.replace(shebang, f"#!{os.path.abspath(args.python)} ", 1), mode)
@@ -83,19 +90,28 @@ def run(args: argparse.Namespace) -> int:
             install_file(path, text, mode)
             if os.geteuid() == 0:
                 os.chown(path, 0, 0)
+        if args.openpbs:
+            for path in classic:  # the mom runs them besides the hook: remove what blahvm put there
+                try:
+                    with open(path) as stream:
+                        ours = "Installed by `blahvm install pbs`" in stream.read(4096)
+                except OSError:
+                    continue
+                if ours:
+                    os.unlink(path)
     except OSError as error:
         return fail(f"cannot write {error.filename or 'a hook'}: {error.strerror}")
-    print(instructions(hook_dir, starter, args.budget))
+    print(instructions(hook_dir, starter, args.budget, torque=not args.openpbs))
     return 0
 
 
-def instructions(hook_dir: str, starter: str, budget: float) -> str:
+def instructions(hook_dir: str, starter: str, budget: float, torque: bool = True) -> str:
     hook = shlex.quote(os.path.join(hook_dir, "blahvm_hook.py"))
     settings = shlex.quote(os.path.join(hook_dir, "blahvm_hook.json"))
     alarm = int(budget) + 5
-    return f"""\
+    text = f"""\
 # OpenPBS / PBS Pro, as root on the server host (the server sends the hook to every mom):
-qmgr -c "create resource blahvm_env type=string"
+qmgr -c "create resource blahvm_env type=string,flag=m"
 qmgr -c "create resource blahvm_slots type=long,flag=nh"
 qmgr -c "create resource blahvm_envs type=string,flag=h"
 qmgr -c "create hook {HOOK_NAME}"
@@ -105,8 +121,11 @@ qmgr -c "set hook {HOOK_NAME} freq = 60"
 qmgr -c "import hook {HOOK_NAME} application/x-python default {hook}"
 qmgr -c "import hook {HOOK_NAME} application/x-config default {settings}"
 # and add blahvm_slots to the resources: line of PBS_HOME/sched_priv/sched_config.
-# With the hook in place the mom skips mom_priv/prologue and epilogue; without it, they do the work.
+# The hook does all the work; the mom would run mom_priv/prologue and epilogue as well: have none."""
+    if torque:
+        text += f"""
 #
 # Torque, in PBS_HOME/mom_priv/config on every execution host (then restart pbs_mom):
 $job_starter {starter}
 $prologalarm {alarm}"""
+    return text

@@ -7,6 +7,12 @@ import sys
 
 import pbs
 
+# pbs_server restarts its embedded interpreter whenever the resource definitions change (qmgr create
+# resource); a C extension such as PyYAML's _yaml cannot be initialised twice in one process ("metaclass
+# conflict" in yaml/cyaml.py), so every later queuejob would fail. Without it PyYAML uses its pure
+# Python parser, which survives the restart.
+sys.modules.setdefault("yaml._yaml", None)
+
 
 def _blahvm_main():
     try:
