@@ -33,6 +33,8 @@ def build_domain_xml(spec: GuestSpec) -> str:
     domain = ET.Element("domain", type=flavour.domain_type(spec))
     ET.SubElement(domain, "name").text = spec.name
     ET.SubElement(domain, "uuid").text = spec.uuid
+    if spec.genid:
+        ET.SubElement(domain, "genid")  # no value: libvirt makes one, and a new one at each restore
     ET.SubElement(domain, "metadata").append(metadata_element(spec.metadata))
     ET.SubElement(domain, "memory", unit="KiB").text = str(-(-int(spec.memory) // 1024))
     backing = flavour.memory_backing(spec)
@@ -74,7 +76,8 @@ def _devices(flavour: Flavour, spec: GuestSpec) -> ET.Element:
 
 
 def _backing_store(backing: BackingFile) -> ET.Element:
-    """The overlay's whole chain, so libvirt neither probes it nor relabels the golden.
+    """The overlay's whole chain, so libvirt neither probes it nor relabels the golden (nor a
+    frozen template disk between the two).
 
     Without ``relabel='no'`` libvirt's DAC driver chowns every backing file to QEMU's user and,
     for anything below the top of a chain, never gives it back: QEMU's user could then write the
@@ -85,7 +88,10 @@ def _backing_store(backing: BackingFile) -> ET.Element:
     ET.SubElement(store, "format", type=backing.format)
     source = ET.SubElement(store, "source", file=backing.path)
     ET.SubElement(source, "seclabel", model="dac", relabel="no")
-    ET.SubElement(store, "backingStore")
+    if backing.backing is not None:
+        store.append(_backing_store(backing.backing))
+    else:
+        ET.SubElement(store, "backingStore")
     return store
 
 

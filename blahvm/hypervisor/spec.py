@@ -43,15 +43,19 @@ def _check_line(what: str, text: Optional[str]) -> None:
 
 @attrs.frozen
 class BackingFile:
-    """The golden under an overlay: the whole rest of its chain (a golden has no backing file)."""
+    """What is under an overlay: the golden (which has no backing file), or a frozen template disk
+    over its golden (``backing``): the whole rest of the chain."""
 
     path: str
     format: str = "qcow2"
+    backing: Optional["BackingFile"] = None
 
     def __attrs_post_init__(self) -> None:
         _check_path("backing file", self.path)
         if self.format not in DISK_FORMATS:
             raise SpecError(f"backing file format {self.format!r} is not one of {', '.join(DISK_FORMATS)}")
+        if self.backing is not None and (self.format != "qcow2" or not isinstance(self.backing, BackingFile)):
+            raise SpecError("only a qcow2 backing file has a backing file, given as a BackingFile")
 
 
 @attrs.frozen
@@ -113,6 +117,7 @@ class GuestSpec:
     serial_log: Optional[str] = None  # kvm: file that receives the serial console; None: a pty
     domain_type: str = "qemu"  # kvm flavour only: kvm, or qemu where KVM cannot run guests
     arch: str = "x86_64"
+    genid: bool = False  # a VM generation ID, new at every restore (guests made to be saved)
 
     def __attrs_post_init__(self) -> None:
         check_safe_name(self.name)
