@@ -13,6 +13,7 @@ from blahvm.config.problems import Problems, did_you_mean
 from blahvm.config.source import Path
 from blahvm.model import (
     CLONE_METHODS,
+    START_METHODS,
     DOMAIN_TYPES,
     FLAVOURS,
     Defaults,
@@ -263,6 +264,7 @@ ENVIRONMENT_FIELDS = {
     "scratch": read_positive_size,
     "guests": read_list_of(read_name),
     "allow_root": read_bool,
+    "start": read_choice(*START_METHODS),
 }
 
 QUEUE_FIELDS = {

@@ -37,6 +37,7 @@ class BringUp:
         self.conn = conn
         self.ready_timeout = ready_timeout
         self.names: JobNames = job_names(config, job.job_id)
+        self.how: Optional[str] = None  # how the guest was started and why, for the result's line
 
     # -- what a subclass provides ---------------------------------------------------------------
 
@@ -132,9 +133,10 @@ class BringUp:
             self.ledger.close(entry.job_id, outcome, str(error) or type(error).__name__, expected_version=entry.version)
 
     def _result(self, entry: Entry, message: str, reused: bool = False) -> PrepareResult:
+        how = "" if reused or self.how is None else f"; {self.how}"
         return PrepareResult(
             Outcome.OK,
-            f"job {self.job.job_id}: {message} ({entry.guest})",
+            f"job {self.job.job_id}: {message} ({entry.guest}){how}",
             self.job.job_id,
             guest=entry.guest,
             run_dir=entry.run_dir,

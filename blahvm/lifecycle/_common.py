@@ -61,6 +61,11 @@ def control_socket_of(run_dir: str) -> str:
     return run_dir + ".ctl"
 
 
+def job_state_path(config: SiteConfig, guest: str) -> str:
+    """The job's own save file while its guest is restored from a template (lifecycle.templates)."""
+    return os.path.join(config.host.state_dir, "templates", ".restoring", naming.check_safe_name(guest) + ".save")
+
+
 def job_names(config: SiteConfig, job_id: str) -> JobNames:
     guest = naming.guest_name(job_id)
     return JobNames(
@@ -104,6 +109,8 @@ def dismantle(
     removed = bool(guest) and guests.destroy_and_undefine(conn, guest)
     if guest:  # its virtiofsd is gone with it: unmount the job's pinned directory
         release(share_root(config.host.run_dir), guest)
+        with contextlib.suppress(FileNotFoundError):  # a prepare killed while restoring left it
+            os.unlink(job_state_path(config, guest))
     deleted = []
     if volumes:
         pool = clone_pool(config, conn)

@@ -16,7 +16,8 @@ from typing import Optional
 
 import attrs
 
-from blahvm.hypervisor import guests
+from blahvm.guest import client, control
+from blahvm.hypervisor import guests, saved
 from blahvm.hypervisor.connection import Connection
 from blahvm.hypervisor.domain import (
     BackingFile,
@@ -33,7 +34,7 @@ from blahvm.hypervisor.kvm import resolve_domain_type
 from blahvm.image import guest_init
 from blahvm.jobshare import ShareRefused, check_owned_dir, jail, mount_point, pin, share_gids, share_root
 from blahvm.ledger import Entry, Ledger, LedgerError, NoCapacity, State
-from blahvm.lifecycle import static
+from blahvm.lifecycle import static, templates
 from blahvm.lifecycle._bringup import BringUp, hand_over_socket, job_identity, make_run_dir
 from blahvm.lifecycle._common import Refusal, best_effort_dismantle, clone_pool, connect
 from blahvm.lifecycle.results import PrepareResult
@@ -154,6 +155,14 @@ class _Preparation(BringUp):
         names = self.names
         entry = self._move(entry, State.CLONING, guest=names.guest, volumes=list(names.volumes(self.environment)),
                            run_dir=names.run_dir)
+        template, why = self._template()
+        if template is not None:
+            try:
+                return self._restore(entry, template)
+            except (templates.TemplateUnusable, saved.SavedStateError, HypervisorError, client.AgentError) as error:
+                why = f"restoring its saved state failed ({error})"
+                entry = self._after_failed_restore(template)
+        self.how = f"booted: {why}"
         disks = self._clone()
         make_run_dir(self.config.host.run_dir, names.run_dir)
         shares = self._pin_workdir()
@@ -163,7 +172,76 @@ class _Preparation(BringUp):
         guests.define_and_start(self.conn, xml)
         self._verify_share()
         hand_over_socket(self.names, self.job, wait=self.ready_timeout is not None, ports=self.job.decision.vcpus)
-        return self._started(started)
+        result = self._started(started)
+        if self.make_template:  # the next job of this environment and shape starts from it
+            templates.make_in_background(self.config, self.environment, self._shape())
+            self.make_template = False
+        return result
+
+    # -- from a saved state -----------------------------------------------------------------------
+
+    def _shape(self) -> templates.Shape:
+        return templates.Shape(self.job.decision.memory, self.job.decision.vcpus)
+
+    def _template(self) -> tuple:
+        """(the template to restore, None) or (None, why the guest boots instead)."""
+        self.make_template = False
+        why = templates.why_not(self.environment, self.workdir is not None)
+        if why is None and self.conn.uri.startswith("test:"):
+            why = "libvirt's test driver saves no guest states"
+        if why is None and self.ready_timeout is None:
+            why = "asked not to wait, and a restored guest is refreshed and bound before it is handed over"
+        if why is not None:
+            return None, why
+        key = templates.key_of(self.config, self.conn, self.environment, self.golden, self._shape())
+        try:
+            return templates.find(self.config, key, self._shape()), None
+        except templates.TemplateUnusable as unusable:
+            self.make_template = True
+            return None, f"{unusable}; making one"
+
+    def _restore(self, entry: Entry, template: templates.Template) -> PrepareResult:
+        """A guest restored from ``template``: a new overlay over its frozen disk, the job's own save
+        file, then the host's clock and entropy and the job's identity before the sockets are handed over."""
+        names, job = self.names, self.job
+        started = time.monotonic()
+        frozen = ImageInfo(template.disk, "qcow2", self.golden.virtual_size)
+        path = clone_pool(self.config, self.conn).clone_overlay(frozen, names.disk)
+        self.ledger.record_timing(job.job_id, "clone", time.monotonic() - started)
+        make_run_dir(self.config.host.run_dir, names.run_dir)
+        backing = BackingFile(template.disk, "qcow2", backing=BackingFile(self.golden.path, self.golden.format))
+        spec = self._spec((DiskSpec(path, "qcow2", backing=backing),))
+        xml = saved.job_definition(template.header.xml, spec.name, spec.uuid, spec.metadata,
+                                   (saved.JobDisk(path, backing),), spec.channels)
+        self._move(entry, State.BOOTING)
+        started = time.monotonic()
+        state = templates.job_state(self.config, template, names.guest, xml)
+        try:
+            saved.restore(self.conn, state)
+        finally:
+            templates.forget_job_state(self.config, names.guest)
+        self.ledger.record_timing(job.job_id, "restore", time.monotonic() - started)
+        started = time.monotonic()
+        control.refresh(names.control_socket, self.ready_timeout)  # before anything of the job's runs
+        self._bind()
+        hand_over_socket(names, job, wait=True, ports=job.decision.vcpus)
+        self.ledger.record_timing(job.job_id, "ready", time.monotonic() - started)
+        self.ledger.transition(job.job_id, State.BOOTING, State.RUNNING)
+        self.how = f"restored from saved state {os.path.basename(template.directory)}"
+        return self._result(self.ledger.get(job.job_id), f"{self.WHAT} ready")
+
+    def _after_failed_restore(self, template: templates.Template) -> Entry:
+        """Take away what the restore made (its guest, the overlay) and drop the template that
+        failed (made again on next need); back to cloning, for a boot."""
+        guests.destroy_and_undefine(self.conn, self.names.guest)
+        clone_pool(self.config, self.conn).delete_volume(self.names.disk)
+        templates.forget_job_state(self.config, self.names.guest)
+        templates.remove(self.config, template.key)
+        self.make_template = True
+        entry = self.ledger.get(self.job.job_id)
+        if entry.state is State.BOOTING:
+            entry = self._move(entry, State.CLONING)
+        return entry
 
     def _take_apart(self, entry: Entry) -> Optional[str]:
         return best_effort_dismantle(self.config, self.conn, entry.guest, entry.volumes, entry.run_dir)

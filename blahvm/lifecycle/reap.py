@@ -18,6 +18,7 @@ from blahvm.hypervisor.errors import HypervisorError
 from blahvm.hypervisor.storage import ClonePool
 from blahvm.jobshare import leftovers, release, share_root
 from blahvm.ledger import Entry, Ledger, LedgerError, State, owner_alive
+from blahvm.lifecycle import templates
 from blahvm.lifecycle._common import clone_pool, connect, dismantle, is_run_dir
 from blahvm.lifecycle.results import ReapReport
 from blahvm.lifecycle.static import clean_free_guests, is_static_lease, static_guests, take_apart
@@ -34,12 +35,15 @@ def reap(config: SiteConfig, dry_run: bool = False) -> ReapReport:
             # what closing the dead entries removed counts as much as the orphans found after
             closed, guests_gone, volumes, run_dirs = _close_dead_entries(config, ledger, conn, dry_run)
             live = [entry for entry in ledger.live() if entry.job_id not in closed]
-            orphans = _orphan_guests(config, conn, live, static_guests(config))
+            making = templates.being_made(config)  # a live maker's guest, volume and run dir are its own
+            orphans = _orphan_guests(config, conn, live, static_guests(config) | making)
             returned = clean_free_guests(config, conn, live, dry_run)
             # a dry run (also behind `blahvm guests`) only looks: it never makes the pool
             pool = ClonePool.find(conn, config.hypervisor.pool) if dry_run else clone_pool(config, conn)
-            orphan_volumes = _orphan_volumes((volume.name for volume in pool.list_volumes()), live) if pool else []
-            orphan_run_dirs = _orphan_run_dirs(config, live)
+            orphan_volumes = _orphan_volumes((volume.name for volume in pool.list_volumes()), live, making) if pool else []
+            orphan_run_dirs = _orphan_run_dirs(config, live, making)
+            # a template maker or a restoring prepare killed midway: its scratch dir or the job's save file
+            template_files = templates.leftovers(config, {entry.guest for entry in live if entry.guest})
             # a job's directory still mounted after a crash: found in /proc/self/mountinfo
             shares = leftovers(share_root(config.host.run_dir), _owned_prefixes(live))
             if not dry_run:
@@ -51,6 +55,7 @@ def reap(config: SiteConfig, dry_run: bool = False) -> ReapReport:
                     dismantle(config, conn, None, (), path)
                 for guest in shares:
                     release(share_root(config.host.run_dir), guest)
+                templates.remove_leftovers(template_files)
             guests_gone += orphans
             volumes += orphan_volumes
             run_dirs += orphan_run_dirs
@@ -61,6 +66,8 @@ def reap(config: SiteConfig, dry_run: bool = False) -> ReapReport:
         f"reap {verb} {len(guests_gone)} guests, {len(volumes)} volumes, {len(run_dirs)} run dirs; "
         f"{'would close' if dry_run else 'closed'} {len(closed)} entries"
     )
+    if template_files:
+        message += f"; {'would remove' if dry_run else 'removed'} {len(template_files)} unfinished template files"
     if shares:
         message += f"; {'would unmount' if dry_run else 'unmounted'} {len(shares)} job directories"
     if returned:
@@ -119,16 +126,16 @@ def _orphan_guests(config: SiteConfig, conn: Connection, live: List[Entry], stat
     ]
 
 
-def _owned_prefixes(live: List[Entry]) -> Set[str]:
+def _owned_prefixes(live: List[Entry], making: frozenset = frozenset()) -> Set[str]:
     # A guest's volumes all start with its name; a live entry in "reserved" has recorded none yet.
-    prefixes = {entry.guest for entry in live if entry.guest}
+    prefixes = {entry.guest for entry in live if entry.guest} | set(making)
     prefixes.update(naming.guest_name(entry.job_id) for entry in live)
     return prefixes
 
 
-def _orphan_volumes(names: Iterable[str], live: List[Entry]) -> List[str]:
+def _orphan_volumes(names: Iterable[str], live: List[Entry], making: frozenset = frozenset()) -> List[str]:
     owned = {volume for entry in live for volume in entry.volumes}
-    prefixes = _owned_prefixes(live)
+    prefixes = _owned_prefixes(live, making)
     return [
         name
         for name in names
@@ -138,11 +145,11 @@ def _orphan_volumes(names: Iterable[str], live: List[Entry]) -> List[str]:
     ]
 
 
-def _orphan_run_dirs(config: SiteConfig, live: List[Entry]) -> List[str]:
+def _orphan_run_dirs(config: SiteConfig, live: List[Entry], making: frozenset = frozenset()) -> List[str]:
     try:
         children = sorted(os.listdir(config.host.run_dir))
     except FileNotFoundError:
         return []
-    owned = _owned_prefixes(live)
+    owned = _owned_prefixes(live, making)
     paths = [os.path.join(config.host.run_dir, child) for child in children if child not in owned]
     return [path for path in paths if is_run_dir(config, path) and os.path.isdir(path)]
