@@ -102,7 +102,7 @@ class Environment:
     scratch: Optional[Size] = None  # an extra empty disk of this size per job
     guests: Tuple[str, ...] = ()  # static environment: pre-defined guests to lease
     allow_root: bool = False  # the payload may ask to run as root in its guest (docs/security.md)
-    start: str = "auto"  # one of START_METHODS (docs/performance.md, "Starting from a saved state")
+    start: str = "boot"  # one of START_METHODS (docs/performance.md, "Starting from a saved state")
 
 
 @attrs.frozen

@@ -172,9 +172,11 @@ def test_the_template_key_changes_with_the_golden_kernel_command_line_and_shape(
     ({"scratch": Size(MiB)}, "scratch"),
 ])
 def test_what_always_boots_says_why(tmp_path, golden, change, why):
-    env = attrs.evolve(make_config(tmp_path, golden).environments["demo"], **change)
-    assert why in templates.why_not(env, workdir=False)
-    assert "virtiofs" in templates.why_not(make_config(tmp_path, golden).environments["demo"], workdir=True)
+    assert "start: boot" in templates.why_not(make_config(tmp_path, golden).environments["demo"], workdir=False)
+    auto = attrs.evolve(make_config(tmp_path, golden).environments["demo"], start="auto")
+    assert templates.why_not(auto, workdir=False) is None
+    assert why in templates.why_not(attrs.evolve(auto, **change), workdir=False)
+    assert "virtiofs" in templates.why_not(auto, workdir=True)
 
 
 # -- real guests --------------------------------------------------------------------------------
@@ -212,7 +214,7 @@ def _root_site(demo_image):
         boot[what] = os.path.join(where, what)
         shutil.copyfile(getattr(env, what), boot[what])
         os.chmod(boot[what], 0o444)
-    env = attrs.evolve(env, allow_root=True, **boot)
+    env = attrs.evolve(env, allow_root=True, start="auto", **boot)
     return site, attrs.evolve(config, environments={"demo": env})
 
 
