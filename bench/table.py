@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import bench_agent  # noqa: E402
 import bench_esub  # noqa: E402
 import bench_lifecycle  # noqa: E402
+import bench_restore  # noqa: E402
 import bench_routing  # noqa: E402
 import soak  # noqa: E402
 
@@ -104,6 +105,17 @@ def lifecycle(rows: Rows, quick: bool, image_dir: str) -> None:
         rows.add(f"blahvm prepare+teardown ({what}), n={len(figures[f'bare{key}'])}", ms(mine),
                  f"plain libvirt {ms(bare)}", f"{mine / bare:.3f}x")
         rows.add(f"  blahvm's overhead ({what})", f"{(mine - bare) * 1000:+,.1f} ms", "", f"{(mine - bare) / bare:+.1%}")
+
+
+def restore_vs_boot(rows: Rows, quick: bool, image_dir: str) -> None:
+    rows.section("a job's guest from a saved post-boot state vs a cold boot (same environment, alternating)")
+    figures = bench_restore.measure(2 if quick else 5, image_dir)
+    restore, boot = med(figures["restore"]), med(figures["boot"])
+    rows.add(f"prepare to running, restored (start: auto), n={len(figures['restore'])}", ms(restore),
+             f"cold boot {ms(boot)}", f"{restore / boot:.2f}x")
+    rows.add("template per environment and shape: state / disk", f"{figures['state_bytes'] / 2**20:.1f} MiB",
+             f"frozen disk {figures['disk_bytes'] / 2**20:.1f} MiB")
+    rows.add("template making (boot to agent, save)", ms(figures["make"]))
 
 
 # -- 3. one real guest: launch round trip, stdout throughput, hook RSS ---------------------------
@@ -307,6 +319,7 @@ def main(argv=None) -> int:
     steps = [
         lambda: routing(rows, args.quick),
         lambda: lifecycle(rows, args.quick, image_dir),
+        lambda: restore_vs_boot(rows, args.quick, image_dir),
         lambda: agent(rows, args.quick, demo),
         lambda: jobs_per_hour(rows, args.quick, demo),
         lambda: hook_rss(rows, demo),
