@@ -116,6 +116,9 @@ class VirtioPortModel(agent.Channel):
 @pytest.fixture
 def port(monkeypatch):
     monkeypatch.setattr(agent, "HOST_GONE_SECONDS", 0.5)
+    binding = agent.Binding()  # this test's own, bound as root on the host would bind a guest
+    binding.bind(agent.Identity(os.getuid(), os.getgid(), [os.getgid()], False))
+    monkeypatch.setattr(agent, "BINDING", binding)
     model = VirtioPortModel()
     serving = threading.Thread(target=agent.Port(model).serve, daemon=True)
     serving.start()

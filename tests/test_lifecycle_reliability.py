@@ -136,7 +136,9 @@ def leftovers(config, conn) -> dict:
     """Everything of blahvm's this site still has; empty lists when nothing is left."""
     pool = ClonePool.ensure(conn, config.hypervisor.pool, config.hypervisor.pool_path)
     try:
-        run_dirs = sorted(os.listdir(config.host.run_dir))
+        # a guest's control socket (RUN_DIR.ctl) belongs to its run dir; alone, it is a leak by its name
+        run_dirs = sorted({name[: -len(".ctl")] if name.endswith(".ctl") else name
+                           for name in os.listdir(config.host.run_dir)})
     except FileNotFoundError:
         run_dirs = []
     here = {naming.guest_name(entry.job_id) for entry in live_entries(config)}

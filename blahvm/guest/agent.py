@@ -350,9 +350,10 @@ class Identity(object):
     """uid, gid and supplementary groups of the job's payload, whether it may ask for root, and
     (optional) the names of its user and group and the guest's hostname."""
 
-    def __init__(self, uid, gid, groups, root, user=None, group=None, hostname=None):
+    def __init__(self, uid, gid, groups, root, names=(None, None), hostname=None):
         self.uid, self.gid, self.groups, self.root = uid, gid, tuple(sorted(set(groups))), root
-        self.user, self.group, self.hostname = user, group, hostname
+        self.user, self.group = names  # of the user and its primary group
+        self.hostname = hostname
 
     @classmethod
     def from_message(cls, message):
@@ -366,8 +367,8 @@ class Identity(object):
         root = message.get("root", False)
         if not isinstance(root, bool):
             raise RequestError("root must be true or false")
-        return cls(uid, gid, [_id(g, "groups[]") for g in groups if g is not None] + [gid], root,
-                   _optional(message, "user", ACCOUNT_NAME), _optional(message, "group", ACCOUNT_NAME),
+        names = (_optional(message, "user", ACCOUNT_NAME), _optional(message, "group", ACCOUNT_NAME))
+        return cls(uid, gid, [_id(g, "groups[]") for g in groups if g is not None] + [gid], root, names,
                    _optional(message, "hostname", HOSTNAME))
 
     def as_message(self):

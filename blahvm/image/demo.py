@@ -213,15 +213,18 @@ def _load(directory: str) -> Optional[DemoImage]:
 
 
 def _reclaimed(image: DemoImage) -> DemoImage:
-    """The image with its files root's and read-only again (as root; else as found).
+    """The image with its golden root's and read-only again (as root; else as found).
 
     An older blahvm let libvirt chown goldens to QEMU's user for good, and prepare now refuses a
-    golden anyone but root could write. Taking them back is safe: the changed ctime makes the next
-    prepare hash the golden again against the sha256 in the manifest, which stayed root's.
+    golden anyone but root could write. Taking it back is safe: the changed ctime makes the next
+    prepare hash the golden again against the sha256 in the manifest, which stayed root's. The
+    kernel and initrd are left alone: libvirt lends them to QEMU's user while any guest runs and
+    counts its loans in their xattrs; taking one back under a running guest makes libvirt refuse
+    every later start ("Setting different DAC user or group ... already in use").
     """
     if os.geteuid() != 0:
         return image
-    for path in (image.image, image.kernel, image.initrd):
+    for path in (image.image,):
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             status = os.fstat(fd)

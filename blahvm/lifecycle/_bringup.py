@@ -158,12 +158,13 @@ def job_identity(job: Job, environment: Environment) -> control.Identity:
 
 
 def hand_over_socket(names: JobNames, job: Job, wait: bool, ports: int = 1) -> None:
-    """Give the ``ports`` agent sockets, then their directory, to the job's user (drivers without
-    channels make none)."""
+    """Give the ``ports`` agent sockets, then their directory, to the job's user, and keep the
+    control socket root's alone (drivers without channels make none)."""
     sockets = names.sockets(ports)
     if wait:
-        for path in sockets:
+        for path in (*sockets, names.control_socket):
             _wait_for_path(path, SOCKET_APPEAR_TIMEOUT)
+    _rundir.keep_socket(os.path.dirname(names.run_dir), names.control_socket)
     uid = -1 if job.uid is None else job.uid
     gid = -1 if job.gid is None else job.gid
     _rundir.hand_over(names.run_dir, sockets, uid, gid)  # by descriptors: never through a symlink

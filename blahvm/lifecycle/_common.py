@@ -118,8 +118,7 @@ def dismantle(
     if is_run_dir(config, run_dir):
         # by descriptors from a root only root can write: never through a symlink
         _rundir.remove(config.host.run_dir, run_dir)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(control_socket_of(run_dir))
+        _rundir.remove(config.host.run_dir, control_socket_of(run_dir))
     return Dismantled(removed, tuple(deleted))
 
 

@@ -78,19 +78,30 @@ def hand_over(run_dir: str, sockets: Sequence[str], uid: int, gid: int) -> None:
         fd = os.open(_name_in(root, run_dir), _DIRECTORY, dir_fd=root_fd)
         try:
             for path in sockets:
-                name = _name_in(run_dir, path)
-                try:
-                    status = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    continue  # a driver without channels made none
-                if not stat.S_ISSOCK(status.st_mode):
-                    raise UnsafeRunDir(f"{path} is not a socket: refusing to hand it over")
-                os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
-                # the run dir is still root's alone (0700): the socket checked above is still there
-                os.chmod(name, 0o600, dir_fd=fd)
+                # the run dir is still root's alone (0700): the socket checked is still there
+                _give_socket(fd, _name_in(run_dir, path), path, uid, gid)
             os.fchown(fd, uid, gid)
         finally:
             os.close(fd)
+
+
+def keep_socket(root: str, path: str) -> None:
+    """Make the socket ``path``, directly in the root, root's alone (0600): libvirt made it
+    QEMU's user's, group-writable (a driver without channels makes none)."""
+    with open_root(root) as root_fd:
+        _give_socket(root_fd, _name_in(root, path), path, 0, 0)
+
+
+def _give_socket(dir_fd: int, name: str, path: str, uid: int, gid: int) -> None:
+    """The socket ``name`` in ``dir_fd`` (a directory only root can change) to uid:gid, 0600."""
+    try:
+        status = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(status.st_mode):
+        raise UnsafeRunDir(f"{path} is not a socket: refusing to hand it over")
+    os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+    os.chmod(name, 0o600, dir_fd=dir_fd)
 
 
 def remove(root: str, run_dir: str) -> None:
