@@ -1,8 +1,16 @@
-"""A real one-node Slurm for the tests: its own munged, slurmctld and slurmd on localhost.
+"""A real Slurm for the tests: its own munged, slurmctld and one or more slurmd on localhost.
 
 Everything lives in a private directory (config, munge key and socket, state, spool, logs, pid
 files), on ports nobody else uses, so it never touches a Slurm or munge the machine may run. The
 daemons are stopped by the pids in their pid files, never by name.
+
+Several nodes are several slurmd, each on its own port, in its own UTS namespace (its hostname is
+its node name) and mount namespace, where ``binds[node] = (source, target)`` is bind-mounted: that is
+how each "host" gets its own blahvm config at the path fixed in the hooks, as separate machines
+would. They share this machine's libvirtd, which runs outside those namespaces: what a node mounts for
+its guests (the pinned job directories under its share root, ``shared[node]``) must reach the
+virtiofsd libvirtd starts, so each such directory is made a shared mount, a peer between this
+machine's namespace and that node's, before the node starts (the rest of the node's mounts stay its own).
 """
 
 from __future__ import annotations
@@ -41,7 +49,16 @@ class SlurmCluster:
     """``with SlurmCluster(extra_lines) as cluster: cluster.run(["sbatch", ...])``."""
 
     def __init__(self, extra: Optional[List[str]] = None, directory: Optional[str] = None,
-                 cpus: int = 2, node_options: str = "", files: Optional[Dict[str, str]] = None) -> None:
+                 cpus: int = 2, node_options: str = "", files: Optional[Dict[str, str]] = None,
+                 nodes: Optional[List[str]] = None, binds: Optional[Dict[str, tuple]] = None,
+                 node_extra: Optional[Dict[str, str]] = None, shared: Optional[Dict[str, List[str]]] = None) -> None:
+        self.shared = {node: list(paths) for node, paths in (shared or {}).items()}
+        self.peer_mounts: List[str] = []
+        self.nodes = list(nodes or [NODE])
+        self.binds = dict(binds or {})  # node -> (source, target) bind-mounted in that slurmd's namespace
+        self.node_extra = dict(node_extra or {})  # node -> more words for its NodeName line (Weight=...)
+        self.ports = {node: _free_port() for node in self.nodes}
+        self.ctl_port = _free_port()  # fixed: reconfigure rewrites slurm.conf
         self.extra = list(extra or [])
         self.files = dict(files or {})  # name in the config directory -> file to copy there (job_submit.lua)
         self.cpus = cpus
@@ -82,13 +99,16 @@ class SlurmCluster:
             fields.setdefault(key, value)
         return fields
 
-    def node_state(self) -> str:
-        lines = self.run(["sinfo", "-h", "-N", "-o", "%T"]).stdout.split()  # one line per partition
+    def node_state(self, node: str = NODE) -> str:
+        lines = self.run(["sinfo", "-h", "-N", "-n", node, "-o", "%T"]).stdout.split()  # one line per partition
         return lines[0] if lines else ""
 
-    def node(self) -> Dict[str, str]:
-        out = self.scontrol("show", "node", "-o", NODE)
-        return dict(word.partition("=")[::2] for word in out.split() if "=" in word)
+    def node(self, node: str = NODE) -> Dict[str, str]:
+        out = self.scontrol("show", "node", "-o", node)
+        fields = dict(word.partition("=")[::2] for word in out.split(" Reason=")[0].split() if "=" in word)
+        if " Reason=" in out:
+            fields["Reason"] = out.split(" Reason=", 1)[1].strip()
+        return fields
 
     def wait_job(self, job_id: str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
                                               "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"),
@@ -104,6 +124,8 @@ class SlurmCluster:
             time.sleep(0.3)
 
     def log(self, daemon: str) -> str:
+        if daemon == "slurmd":
+            return "".join(self.log(f"slurmd.{node}") for node in self.nodes)
         try:
             with open(os.path.join(self.dir, f"{daemon}.log"), errors="replace") as stream:
                 return stream.read()
@@ -113,13 +135,12 @@ class SlurmCluster:
     # -- start and stop ---------------------------------------------------------------------------
 
     def write_config(self) -> None:
-        for sub in ("state", "spool", "munge"):
+        for sub in ("state", "spool", "munge", *(os.path.join("spool", node) for node in self.nodes)):
             os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
         lines = [
             "ClusterName=blahvmtest",
             "SlurmctldHost=localhost",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={self.ctl_port}",
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",
@@ -138,11 +159,11 @@ class SlurmCluster:
             "SchedulerParameters=" + ",".join(["defer"] + [line.split("=", 1)[1] for line in self.extra
                                                            if line.startswith("SchedulerParameters=")]),
             f"StateSaveLocation={self.dir}/state",
-            f"SlurmdSpoolDir={self.dir}/spool",
+            f"SlurmdSpoolDir={self.dir}/spool/%n",
             f"SlurmctldPidFile={self.dir}/slurmctld.pid",
-            f"SlurmdPidFile={self.dir}/slurmd.pid",
+            f"SlurmdPidFile={self.dir}/slurmd.%n.pid",
             f"SlurmctldLogFile={self.dir}/slurmctld.log",
-            f"SlurmdLogFile={self.dir}/slurmd.log",
+            f"SlurmdLogFile={self.dir}/slurmd.%n.log",
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
             "SlurmctldTimeout=30",
@@ -150,10 +171,14 @@ class SlurmCluster:
             "MinJobAge=120",
             "KillWait=5",
             *[line for line in self.extra if not line.startswith("SchedulerParameters=")],
-            f"NodeName={NODE} NodeHostname=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=4000 State=UNKNOWN {self.node_options}",
         ]
+        for node in self.nodes:
+            hostname = "localhost" if self.nodes == [NODE] else node
+            lines.append(f"NodeName={node} NodeHostname={hostname} NodeAddr=127.0.0.1 Port={self.ports[node]} "
+                         f"CPUs={self.cpus} RealMemory=4000 State=UNKNOWN {self.node_options} "
+                         f"{self.node_extra.get(node, '')}".rstrip())
         if not any(line.startswith("PartitionName=") for line in self.extra):
-            lines.append(f"PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP")
+            lines.append(f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP")
         with open(self.conf, "w") as stream:
             stream.write("\n".join(lines) + "\n")
         os.chmod(self.conf, 0o644)
@@ -179,10 +204,36 @@ class SlurmCluster:
         self.pidfiles["slurmctld"] = os.path.join(self.dir, "slurmctld.pid")
         self._daemon([f"{SBIN}/slurmctld", "-c", "-f", self.conf])
         self._wait_for(lambda: self.run(["scontrol", "ping"]).stdout.count("UP") > 0, "slurmctld")
-        self.pidfiles["slurmd"] = os.path.join(self.dir, "slurmd.pid")
-        self._daemon([f"{SBIN}/slurmd", "-N", NODE, "-f", self.conf])
-        self._wait_for(lambda: self.node_state() == "idle", "the node to come up idle")
+        for node in self.nodes:
+            self.pidfiles[f"slurmd {node}"] = os.path.join(self.dir, f"slurmd.{node}.pid")
+            if self.nodes == [NODE] and not self.binds:
+                self._daemon([f"{SBIN}/slurmd", "-N", node, "-f", self.conf])
+                continue
+            for path in self.shared.get(node, []):  # a peer group: its mounts propagate both ways
+                os.makedirs(path, mode=0o700, exist_ok=True)
+                for argv in (["mount", "--bind", path, path], ["mount", "--make-shared", path]):
+                    subprocess.run(argv, check=True, capture_output=True, timeout=30)
+                self.peer_mounts.append(path)
+            # its own hostname and mounts, as a separate machine would have (slurmd daemonizes); this
+            # machine's mounts are private, so only the peer mounts above are shared with it
+            setup = f"hostname {node}"
+            if node in self.binds:
+                source, target = self.binds[node]
+                setup += f" && mount --bind '{source}' '{target}'"
+            self._daemon(["unshare", "--mount", "--uts", "--propagation", "unchanged", "--", "sh", "-c",
+                          f"{setup} && exec {SBIN}/slurmd -N {node} -f {self.conf}"])
+        for node in self.nodes:
+            self._wait_for(lambda: self.node_state(node) == "idle", f"node {node} to come up idle")
         return self
+
+    def slurmd_pid(self, node: str) -> int:
+        with open(self.pidfiles[f"slurmd {node}"]) as stream:
+            return int(stream.read().strip())
+
+    def on_node(self, node: str, argv: List[str], env: Dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run ``argv`` as that node's hooks run: in its slurmd's mount and UTS namespaces."""
+        return subprocess.run(["nsenter", "-t", str(self.slurmd_pid(node)), "-m", "-u", "--", *argv], env=env,
+                              capture_output=True, text=True, timeout=timeout)
 
     def _daemon(self, argv: List[str]) -> None:
         result = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=60)
@@ -204,7 +255,7 @@ class SlurmCluster:
 
     def stop(self) -> None:
         """Stop the daemons by their pid files (slurmd first), waiting until each is gone."""
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in (*(f"slurmd {node}" for node in self.nodes), "slurmctld", "munged"):
             path = self.pidfiles.get(name)
             if not path:
                 continue
@@ -232,6 +283,9 @@ class SlurmCluster:
 
     def cleanup(self) -> None:
         self.stop()
+        for path in reversed(self.peer_mounts):
+            subprocess.run(["umount", path], capture_output=True, timeout=30)
+        self.peer_mounts = []
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "SlurmCluster":

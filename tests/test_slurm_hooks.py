@@ -68,3 +68,12 @@ def test_a_health_check_that_cannot_find_slurm_conf_says_so(site, monkeypatch, c
     said = capfd.readouterr().err
     assert said.count("\n") == 1 and "slurm.conf not found: /nonexistent/slurm.conf" in said, said
     assert "--slurm-conf" in said
+
+
+def test_cores_are_per_node_for_a_job_on_several_nodes(site, tmp_path):
+    """srun -N 2 -n 2: Slurm's min_cpus is the job's 2; each node's guest runs 1 (environment vm has 1 vcpu)."""
+    argv = ["--user", "root", "--partition", "grid", "--cpus", "2"]
+    cache = str(tmp_path / "cache")
+    assert route_line(site, argv + ["--nodes", "2"], cache_dir=cache).startswith("route\t")
+    assert route_line(site, argv + ["--nodes", str(NO_VAL)], cache_dir=cache).startswith("reject\t2 cores exceed")
+    assert route_line(site, argv + ["--cpus", "3", "--nodes", "2"], cache_dir=cache).startswith("reject\t2 cores")

@@ -87,6 +87,22 @@ def _environment_wanted(config: "SiteConfig", constraints: "Optional[str]") -> "
     return None
 
 
+def node_name(environ: "Mapping[str, str]") -> str:
+    """The Slurm node this hook runs for (slurmd sets SLURMD_NODENAME for the Prolog, Epilog and tasks)."""
+    import socket
+
+    return environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+
+
+def job_key(job_id: str, environ: "Mapping[str, str]") -> str:
+    """The job's name in this host's ledger: ``JOBID@NODE``, one guest per node of an allocation.
+
+    With the node in it, the guests of one ``-N 2`` job never share a name, even where two nodes share
+    one hypervisor (several slurmd on one machine): guest names come from this key alone.
+    """
+    return f"{job_id}@{node_name(environ)}"
+
+
 def execution_job(config: "SiteConfig", environ: "Mapping[str, str]") -> "Union[Job, Rejection]":
     """The Job a Prolog prepares, from the ``SLURM_*`` variables slurmd sets (nothing else).
 
@@ -104,7 +120,7 @@ def execution_job(config: "SiteConfig", environ: "Mapping[str, str]") -> "Union[
         cores=_cores(environ.get("SLURM_JOB_CPUS_PER_NODE")),
         environment=_environment_wanted(config, environ.get("SLURM_JOB_CONSTRAINTS")),
     )
-    return common_execution_job(config, environ.get("SLURM_JOB_ID", ""), submission,
+    return common_execution_job(config, job_key(environ.get("SLURM_JOB_ID", ""), environ), submission,
                                 workdir=environ.get("SLURM_JOB_WORK_DIR") or None)
 
 
@@ -145,6 +161,9 @@ def route_line(config_path: str, argv: "Sequence[str]", cache_dir: "Optional[str
     minutes = INFINITE if unlimited else _number(options.get("time"), limit=NO_VAL)
     memory_mb = _number(options.get("mem"), limit=2 ** 63)
     cpus = _number(options.get("cpus"))
+    nodes = _number(options.get("nodes"))
+    if cpus and nodes and nodes > 1:  # Slurm's count is the job's; each node's guest gets its share
+        cpus = -(-cpus // nodes)
     constraint = options.get("constraint") or None
     facts = dict.fromkeys(FIELDS)
     facts.update(
@@ -321,7 +340,7 @@ def epilog_main(config: str, environ: "Optional[Mapping[str, str]]" = None) -> i
         except ConfigError as error:
             log_event("slurm-epilog", f"bad config: {error}", job_id=job_id)
             return 1  # the host cannot clean up: draining it is right
-        result = teardown(site, job_id)
+        result = teardown(site, job_key(job_id, environ))
         log_event("slurm-epilog", result.message, job_id=job_id, user=environ.get("SLURM_JOB_USER"),
                   log_file=site.host.log_file)
         # RETRY_ELSEWHERE: the hypervisor or ledger is broken; drain so no more jobs land here
@@ -387,7 +406,7 @@ def task_main(config: str, argv: "Optional[List[str]]" = None, environ: "Optiona
         me = pwd.getpwuid(os.getuid())
         placeholder = Decision(queue=environ.get("SLURM_JOB_PARTITION", "-"), environment="-", rule="-",
                                vo=None, memory=Size(0), vcpus=1)
-        job = Job(job_id=job_id, user=me.pw_name, decision=placeholder, uid=os.getuid(), gid=os.getgid(),
+        job = Job(job_id=job_key(job_id, environ), user=me.pw_name, decision=placeholder, uid=os.getuid(), gid=os.getgid(),
                   workdir=environ.get("SLURM_JOB_WORK_DIR") or None)
         # The step's own directory (srun -D), which slurmstepd made ours: the guest has it at the same
         # path when it is in the job's shared work dir, and says so in one line when it is not.
@@ -452,10 +471,8 @@ def _host_problem(site) -> "Optional[str]":
 def health_main(config: str, slurm_bin: str = "/usr/bin", environ: "Optional[Mapping[str, str]]" = None,
                 slurm_conf: "Optional[str]" = None) -> int:
     """Always 0: Slurm ignores a health check's status; what it does is its scontrol updates."""
-    import socket
-
     environ = os.environ if environ is None else environ
-    node = environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+    node = node_name(environ)
 
     def body() -> int:
         from blahvm.config import ConfigError, load_config
@@ -481,6 +498,7 @@ def health_main(config: str, slurm_bin: str = "/usr/bin", environ: "Optional[Map
             log_event("slurm-health", said, log_file=log_file)
             _say(f"blahvm slurm-health: {said}")  # loudly: without Slurm this check does nothing
             return 0
+        running = [job_key(job_id, {"SLURMD_NODENAME": node}) for job_id in running]  # as the ledger names them
         for update in node_updates(node, fields, problem, max_guests, live, running):
             complaint = _scontrol(slurm_bin, "scontrol", *update)
             log_event("slurm-health", " ".join(update[2:]) + (f" failed: {complaint}" if complaint else ""),
