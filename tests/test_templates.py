@@ -172,11 +172,28 @@ def test_the_template_key_changes_with_the_golden_kernel_command_line_and_shape(
     ({"scratch": Size(MiB)}, "scratch"),
 ])
 def test_what_always_boots_says_why(tmp_path, golden, change, why):
-    assert "start: boot" in templates.why_not(make_config(tmp_path, golden).environments["demo"], workdir=False)
     auto = attrs.evolve(make_config(tmp_path, golden).environments["demo"], start="auto")
-    assert templates.why_not(auto, workdir=False) is None
-    assert why in templates.why_not(attrs.evolve(auto, **change), workdir=False)
-    assert "virtiofs" in templates.why_not(auto, workdir=True)
+    assert templates.why_not(auto) is None  # a working directory is no reason: it is hot-plugged
+    assert why in templates.why_not(attrs.evolve(auto, **change))
+
+
+def test_a_template_guest_has_shared_memory_and_a_hot_plugged_share_is_the_booted_device():
+    from blahvm.hypervisor import hotplug
+    from blahvm.hypervisor.domain import DiskSpec, GuestSpec, SharedDir, build_domain_xml
+
+    metadata = GuestMetadata(job_id="t", user="root", environment="demo", host="h", created=0)
+    spec = GuestSpec(name="blahvm-template-0123", uuid="99999999-2222-3333-4444-555555555555", flavour="kvm",
+                     memory=Size(256 * MiB), vcpus=1, disks=(DiskSpec("/p/t.qcow2"),), metadata=metadata)
+    assert ET.fromstring(build_domain_xml(spec)).find("memoryBacking") is None
+    backing = ET.fromstring(build_domain_xml(attrs.evolve(spec, shared_memory=True))).find("memoryBacking")
+    assert (backing.find("source").get("type"), backing.find("access").get("mode")) == ("memfd", "shared")
+    share = SharedDir("/run/blahvm-shares/blahvm-1-a/mnt", "blahvm-workdir", binary="/run/blahvm-shares/virtiofsd-jail")
+    booted = ET.fromstring(build_domain_xml(attrs.evolve(spec, shares=(share,)))).find("devices/filesystem")
+    booted.tail = None
+    assert ET.canonicalize(hotplug.share_xml("kvm", share), strip_text=True) == \
+        ET.canonicalize(ET.tostring(booted, encoding="unicode"), strip_text=True)
+    with pytest.raises(Exception, match="cannot share"):
+        hotplug.share_xml("xen-pv", share)
 
 
 # -- real guests --------------------------------------------------------------------------------
@@ -298,5 +315,48 @@ def test_real_jobs_from_one_saved_state_are_fresh_and_a_bad_state_boots(demo_ima
         assert run_dirs(config) == set() and live_entries(config) == ()
         left = sorted(name for name in os.listdir(root) if not name.endswith(".lock"))
         assert left == sorted([templates.RESTORING, "t-" + template.key])  # the damaged one waits for its successor
+    finally:
+        site.__exit__(None, None, None)
+
+
+@pytest.mark.guest
+def test_a_real_job_with_a_working_directory_is_restored_and_runs_its_script_from_it(demo_image):
+    from blahvm import jobshare
+    from blahvm.jobshare import jail
+    from tests.test_jobfiles import assert_written_by_nobody, nobodys_directory, virtiofsd_serving, write_as_nobody
+    from tests.test_lifecycle import run_captured
+
+    site, config = _root_site(demo_image)
+    try:
+        env = config.environments["demo"]
+        golden = verify_image(env.name, env.image, env.sha256, config.host.state_dir)
+        with open_connection("qemu:///system", timeout=60) as conn:
+            assert templates.make(config, conn, env, golden, templates.Shape(env.memory, env.vcpus)) is not None
+        root = jobshare.share_root(config.host.run_dir)
+        with nobodys_directory("job dir – ü 'x'") as workdir:
+            write_as_nobody(os.path.join(workdir, "job.sh"),
+                            "pwd; id -u; grep ' virtiofs ' /proc/mounts | cut -d' ' -f4 | tr , '\\n' | grep -x 'nosuid\\|nodev'\n"
+                            "echo written > output.txt\n")
+            job = attrs.evolve(real_job(f"tw-{uuid.uuid4().hex[:6]}", demo_image), workdir=workdir)
+            try:
+                result = prepare(config, job, ready_timeout=READY_TIMEOUT)
+                assert result.outcome is Outcome.OK, result.message
+                assert "restored from saved state" in result.message, result.message
+                phases = dict(result.timings)
+                assert {"restore", "share"} <= set(phases) and "boot" not in phases, phases
+                print(f"restored with a working directory: {phases}")
+                served = jail.served(root, result.guest)  # the jailed virtiofsd, as for a boot
+                assert served is not None and served[1]["uid_map"] == "65534 65534 1"
+                code, out, err = run_captured(config, job, ["sh", "job.sh"])
+                assert (code, out.decode()) == (0, f"{workdir}\n65534\nnosuid\nnodev\n"), err
+            finally:
+                done = teardown(config, job.job_id)
+            assert done.outcome is Outcome.OK, done.message
+            assert_written_by_nobody(workdir, "output.txt", "written\n")
+        assert virtiofsd_serving(root) == [] and jobshare.shared_mounts(root) == []
+        assert jobshare.leftovers(root, set()) == []
+        with open_connection("qemu:///system", timeout=30) as conn:
+            assert domain_names(config, conn) == set() and volume_names(config, conn) == set()
+        assert run_dirs(config) == set() and live_entries(config) == ()
     finally:
         site.__exit__(None, None, None)

@@ -333,6 +333,7 @@ def log(where, message):
 # the host allowed it). The first bind wins for the guest's life; a later, different one is refused.
 
 CONTROL_PORT = "org.blahvm.control"
+CONTROL_REQUESTS = ("bind", "refresh", "mount")  # served on the control port alone
 
 
 ACCOUNT_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,31}\Z")
@@ -466,6 +467,78 @@ def refresh(message):
             fcntl.ioctl(urandom, RNDRESEEDCRNG)
     except OSError as error:
         raise RequestError("cannot refresh the guest: %s" % error)
+
+
+# A guest restored from a saved state gets the job's directory hot-plugged after the restore (a
+# virtiofs device cannot be saved), so root on the host asks for the mount that stage two of a boot
+# does: the same path rules as blahvm.image.guest_init.check_workdir, the same nosuid,nodev.
+SHARE_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,35}\Z")
+MAX_WORKDIR_BYTES = 768
+MOUNT_OPTIONS = "nosuid,nodev"
+MOUNT_WAIT_SECONDS = 30.0  # for the hot-plugged device to be probed (ACPI, then virtio)
+
+
+def workdir_problem(path):
+    """Why the guest cannot mount the job's directory at ``path``, or None (check_workdir's rules)."""
+    if not isinstance(path, str) or not path.startswith("/") or path.startswith("//") or path == "/" \
+            or os.path.normpath(path) != path:
+        return "%r is not a normalised absolute path other than /" % (path,)
+    if re.search("[\x00-\x1f\x7f]", path):
+        return "%r contains control characters" % (path,)
+    try:
+        size = len(path.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "%r is not valid UTF-8" % (path,)
+    if size > MAX_WORKDIR_BYTES:
+        return "the path is %d bytes long, more than the %d a guest takes" % (size, MAX_WORKDIR_BYTES)
+    return None
+
+
+def _virtiofs_mounts():
+    """(tag, mount point) of every virtiofs mount in this guest."""
+    found = []
+    try:
+        with open("/proc/self/mounts", "rb") as mounts:
+            for line in mounts.read().splitlines():
+                fields = line.split(b" ")
+                if len(fields) > 2 and fields[2] == b"virtiofs":
+                    point = re.sub(b"\\\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[1])
+                    found.append((fields[0].decode("utf-8", "replace"), point.decode("utf-8", "surrogateescape")))
+    except OSError:
+        pass
+    return found
+
+
+def mount_share(message, bound):
+    """Mount the virtiofs ``tag`` at ``path`` (made if missing), nosuid,nodev, before the bind:
+    nothing of the job's has run yet. The same mount again is fine (a re-run prepare)."""
+    tag, path = message.get("tag"), message.get("path")
+    if not isinstance(tag, str) or not SHARE_TAG.match(tag):
+        raise RequestError("tag must be a plain name of at most 36 characters")
+    problem = workdir_problem(path)
+    if problem is not None:
+        raise RequestError(problem)
+    done = [point for name, point in _virtiofs_mounts() if name == tag]
+    if done:
+        if done == [path]:
+            return
+        raise RequestError("%s is mounted already, at %s" % (tag, done[0]))
+    if bound is not None:
+        raise RequestError("the job's directory is mounted before the guest is bound, never after")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise RequestError("cannot create %s: %s" % (path, error))
+    deadline = time.monotonic() + MOUNT_WAIT_SECONDS
+    while True:  # until the hot-plugged device is probed, the tag is unknown (EINVAL)
+        process = subprocess.Popen(["mount", "-t", "virtiofs", "-o", MOUNT_OPTIONS, tag, path],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _out, err = process.communicate()
+        if process.returncode == 0:
+            return
+        if time.monotonic() >= deadline:
+            raise RequestError("cannot mount %s at %s: %s" % (tag, path, err.decode("utf-8", "replace").strip()[:300]))
+        time.sleep(0.05)
 
 
 def permitted(request, bound):
@@ -754,9 +827,9 @@ class Port(object):
         if what == "open":
             # a new host: the previous one left without the port showing it
             self._open(payload.get("nonce") if isinstance(payload.get("nonce"), str) else "")
-        elif what in ("exec", "bind", "refresh") and payload.get("session") != self.token:
+        elif what in ("exec",) + CONTROL_REQUESTS and payload.get("session") != self.token:
             log(self.where, "ignoring a %s request of an earlier session" % what)
-        elif what in ("bind", "refresh") or (what == "exec" and self.control):
+        elif what in CONTROL_REQUESTS or (what == "exec" and self.control):
             self._control(payload)
         elif what == "exec":
             if self.run is not None:
@@ -772,14 +845,18 @@ class Port(object):
             log(self.where, "ignoring a %r message" % what)
 
     def _control(self, message):
-        """bind or refresh on the control port; anything else there, or either elsewhere, is refused."""
+        """bind, refresh or mount on the control port; anything else there, or any of them
+        elsewhere, is refused."""
         what = message["type"]
         try:
-            if not self.control or what not in ("bind", "refresh"):
+            if not self.control or what not in CONTROL_REQUESTS:
                 raise RequestError("%s requests are not served on %s" % (what, self.where))
             if what == "refresh":
                 refresh(message)
                 answer = {"type": "refreshed", "time": time.time()}
+            elif what == "mount":
+                mount_share(message, BINDING.get())
+                answer = {"type": "mounted", "tag": message["tag"], "path": message["path"]}
             else:
                 identity = Identity.from_message(message)
                 problem = BINDING.bind(identity)
@@ -791,7 +868,9 @@ class Port(object):
             log(self.where, text)
             self._send(encode_control({"type": "error", "message": text}))
             return
-        log(self.where, "%s: %s" % (answer["type"], identity.describe() if what == "bind" else "clock and entropy"))
+        done = {"bind": lambda: identity.describe(), "refresh": lambda: "clock and entropy",
+                "mount": lambda: "%s at %s" % (message["tag"], message["path"])}[what]()
+        log(self.where, "%s: %s" % (answer["type"], done))
         self._send(encode_control(answer))
 
     def _exec(self, message):

@@ -19,7 +19,7 @@ from blahvm.guest.agent import ACCOUNT_NAME, CONTROL_PORT, HOSTNAME
 from blahvm.guest.client import AgentError, open_session
 from blahvm.guest.protocol import encode_control
 
-__all__ = ["CONTROL_PORT", "Identity", "bind", "refresh"]
+__all__ = ["CONTROL_PORT", "Identity", "bind", "mount", "refresh"]
 
 ENTROPY_BYTES = 64  # handed to a restored guest's RNG: twice what its generator needs to reseed
 
@@ -92,3 +92,18 @@ def refresh(socket_path: str, timeout: float) -> None:
         connection.close()
     if answer.get("type") != "refreshed":
         raise AgentError(f"agent at {socket_path} answered the refresh with {answer!r}")
+
+
+def mount(socket_path: str, tag: str, path: str, timeout: float) -> None:
+    """Have the guest behind ``socket_path`` mount the virtiofs ``tag`` at ``path`` (nosuid,nodev),
+    as stage two of a boot would: for a share hot-plugged after a restore, before the bind.
+    AgentError if the agent cannot (it waits a while for the device to appear)."""
+    deadline = time.monotonic() + timeout
+    connection, hello = open_session(socket_path, timeout)
+    try:
+        connection.send(encode_control({"type": "mount", "session": hello.session, "tag": tag, "path": path}))
+        answer = connection.next_control(deadline, "its answer to the mount")
+    finally:
+        connection.close()
+    if answer.get("type") != "mounted" or (answer.get("tag"), answer.get("path")) != (tag, path):
+        raise AgentError(f"agent at {socket_path} answered the mount with {answer!r}")

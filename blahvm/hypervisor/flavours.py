@@ -12,7 +12,7 @@ import xml.etree.ElementTree as ET
 from typing import List, Mapping, Optional, Tuple
 
 from blahvm.hypervisor.errors import SpecError
-from blahvm.hypervisor.spec import GuestSpec
+from blahvm.hypervisor.spec import GuestSpec, SharedDir
 
 XEN_HVMLOADER = "/usr/lib/xen/boot/hvmloader"
 
@@ -58,11 +58,11 @@ class Flavour:
 
     def filesystem_elements(self, spec: GuestSpec) -> List[ET.Element]:
         """One device per shared directory; flavours that cannot share refuse any."""
-        if spec.shares:
-            raise SpecError(
-                f"a {self.name} guest cannot share a host directory yet (virtiofs is for the kvm flavour only)"
-            )
-        return []
+        return [self.filesystem_element(share) for share in spec.shares]
+
+    def filesystem_element(self, share: SharedDir) -> ET.Element:
+        """The device of one shared directory (also what is hot-plugged into a running guest)."""
+        raise SpecError(f"a {self.name} guest cannot share a host directory yet (virtiofs is for the kvm flavour only)")
 
 
 class Kvm(Flavour):
@@ -100,26 +100,23 @@ class Kvm(Flavour):
 
     def memory_backing(self, spec: GuestSpec) -> Optional[ET.Element]:
         # virtiofsd maps the guest's RAM to serve it: memory must be a shareable memfd.
-        if not spec.shares:
+        if not spec.shares and not spec.shared_memory:
             return None
         backing = ET.Element("memoryBacking")
         ET.SubElement(backing, "source", type="memfd")
         ET.SubElement(backing, "access", mode="shared")
         return backing
 
-    def filesystem_elements(self, spec: GuestSpec) -> List[ET.Element]:
+    def filesystem_element(self, share: SharedDir) -> ET.Element:
         # passthrough: virtiofsd acts with the credentials of the guest process that asks, within
         # what the binary that libvirt runs for it allows (blahvm.jobshare.jail: the job's ids alone).
-        elements = []
-        for share in spec.shares:
-            filesystem = ET.Element("filesystem", type="mount", accessmode="passthrough")
-            ET.SubElement(filesystem, "driver", type="virtiofs")
-            if share.binary is not None:
-                ET.SubElement(filesystem, "binary", path=share.binary)
-            ET.SubElement(filesystem, "source", dir=share.source)
-            ET.SubElement(filesystem, "target", dir=share.tag)
-            elements.append(filesystem)
-        return elements
+        filesystem = ET.Element("filesystem", type="mount", accessmode="passthrough")
+        ET.SubElement(filesystem, "driver", type="virtiofs")
+        if share.binary is not None:
+            ET.SubElement(filesystem, "binary", path=share.binary)
+        ET.SubElement(filesystem, "source", dir=share.source)
+        ET.SubElement(filesystem, "target", dir=share.tag)
+        return filesystem
 
     def extra_devices(self, spec: GuestSpec) -> List[ET.Element]:
         # No balloon: the guest's memory is its slot's, and the driver only costs boot time.

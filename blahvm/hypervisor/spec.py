@@ -118,6 +118,8 @@ class GuestSpec:
     domain_type: str = "qemu"  # kvm flavour only: kvm, or qemu where KVM cannot run guests
     arch: str = "x86_64"
     genid: bool = False  # a VM generation ID, new at every restore (guests made to be saved)
+    # memory virtiofs can map without a share yet: a share hot-plugged after a restore needs it saved so
+    shared_memory: bool = False
 
     def __attrs_post_init__(self) -> None:
         check_safe_name(self.name)

@@ -17,7 +17,7 @@ from typing import Optional
 import attrs
 
 from blahvm.guest import client, control
-from blahvm.hypervisor import guests, saved
+from blahvm.hypervisor import guests, hotplug, saved
 from blahvm.hypervisor.connection import Connection
 from blahvm.hypervisor.domain import (
     BackingFile,
@@ -32,7 +32,7 @@ from blahvm.hypervisor.errors import HypervisorError
 from blahvm.hypervisor.images import ImageInfo, verify_image
 from blahvm.hypervisor.kvm import resolve_domain_type
 from blahvm.image import guest_init
-from blahvm.jobshare import ShareRefused, check_owned_dir, jail, mount_point, pin, share_gids, share_root
+from blahvm.jobshare import ShareRefused, check_owned_dir, jail, mount_point, pin, release, share_gids, share_root
 from blahvm.ledger import Entry, Ledger, LedgerError, NoCapacity, State
 from blahvm.lifecycle import static, templates
 from blahvm.lifecycle._bringup import BringUp, hand_over_socket, job_identity, make_run_dir
@@ -130,6 +130,10 @@ def _boot_problem(environment: Environment) -> Optional[str]:
     return None
 
 
+class _ShareNotAttached(Exception):
+    """The restored guest did not get the job's directory: the job boots, the template stays."""
+
+
 class _Preparation(BringUp):
     """A guest cloned from the environment's golden image for this job alone."""
 
@@ -159,6 +163,9 @@ class _Preparation(BringUp):
         if template is not None:
             try:
                 return self._restore(entry, template)
+            except _ShareNotAttached as error:  # the state itself was fine: keep it
+                why = f"its directory could not be given to the restored guest ({error})"
+                entry = self._after_failed_restore(template, drop=False)
             except (templates.TemplateUnusable, saved.SavedStateError, HypervisorError, client.AgentError) as error:
                 why = f"restoring its saved state failed ({error})"
                 entry = self._after_failed_restore(template)
@@ -186,7 +193,7 @@ class _Preparation(BringUp):
     def _template(self) -> tuple:
         """(the template to restore, None) or (None, why the guest boots instead)."""
         self.make_template = False
-        why = templates.why_not(self.environment, self.workdir is not None)
+        why = templates.why_not(self.environment)
         if why is None and self.conn.uri.startswith("test:"):
             why = "libvirt's test driver saves no guest states"
         if why is None and self.ready_timeout is None:
@@ -202,7 +209,8 @@ class _Preparation(BringUp):
 
     def _restore(self, entry: Entry, template: templates.Template) -> PrepareResult:
         """A guest restored from ``template``: a new overlay over its frozen disk, the job's own save
-        file, then the host's clock and entropy and the job's identity before the sockets are handed over."""
+        file, then the host's clock and entropy, the job's directory and the job's identity before
+        the sockets are handed over."""
         names, job = self.names, self.job
         started = time.monotonic()
         frozen = ImageInfo(template.disk, "qcow2", self.golden.virtual_size)
@@ -223,6 +231,7 @@ class _Preparation(BringUp):
         self.ledger.record_timing(job.job_id, "restore", time.monotonic() - started)
         started = time.monotonic()
         control.refresh(names.control_socket, self.ready_timeout)  # before anything of the job's runs
+        self._share_after_restore()
         self._bind()
         hand_over_socket(names, job, wait=True, ports=job.decision.vcpus)
         self.ledger.record_timing(job.job_id, "ready", time.monotonic() - started)
@@ -230,14 +239,36 @@ class _Preparation(BringUp):
         self.how = f"restored from saved state {os.path.basename(template.directory)}"
         return self._result(self.ledger.get(job.job_id), f"{self.WHAT} ready")
 
-    def _after_failed_restore(self, template: templates.Template) -> Entry:
-        """Take away what the restore made (its guest, the overlay) and drop the template that
-        failed (made again on next need); back to cloning, for a boot."""
+    def _share_after_restore(self) -> None:
+        """The job's directory in a restored guest: pinned as for a boot, its jailed virtiofsd
+        hot-plugged (a vhost-user-fs device cannot be saved) and checked, then mounted by the
+        agent where stage two of a boot would have, before the bind."""
+        if self.workdir is None:
+            return
+        started = time.monotonic()
+        (share,) = self._pin_workdir()
+        try:
+            hotplug.attach_share(self.conn, self.names.guest, self.environment.flavour, share)
+        except HypervisorError as error:
+            raise _ShareNotAttached(str(error)) from None
+        self._verify_share()
+        try:
+            control.mount(self.names.control_socket, share.tag, self.workdir.guest_path, self.ready_timeout)
+        except client.AgentError as error:
+            raise _ShareNotAttached(str(error)) from None
+        self.ledger.record_timing(self.job.job_id, "share", time.monotonic() - started)
+
+    def _after_failed_restore(self, template: templates.Template, drop: bool = True) -> Entry:
+        """Take away what the restore made (its guest, the overlay, the share) and, with ``drop``,
+        the template that failed (made again on next need); back to cloning, for a boot."""
         guests.destroy_and_undefine(self.conn, self.names.guest)
         clone_pool(self.config, self.conn).delete_volume(self.names.disk)
         templates.forget_job_state(self.config, self.names.guest)
-        templates.remove(self.config, template.key)
-        self.make_template = True
+        if self.workdir is not None:
+            release(share_root(self.config.host.run_dir), self.names.guest)
+        if drop:
+            templates.remove(self.config, template.key)
+            self.make_template = True
         entry = self.ledger.get(self.job.job_id)
         if entry.state is State.BOOTING:
             entry = self._move(entry, State.CLONING)

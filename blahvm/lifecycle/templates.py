@@ -12,7 +12,8 @@ successor exists.
 A template is made by a boot that runs no job (its agent is never bound, so it runs nothing), saved
 as soon as its agent answers, and never resumed: each job gets a save file of its own
 (``hypervisor.saved.write_job_state``, under ``.restoring/``, deleted once restored), a new overlay
-over the frozen disk, then, from the host, the clock and fresh entropy, and only then its identity.
+over the frozen disk, then, from the host, the clock and fresh entropy, the job's directory (its
+memory is a shared memfd, so the share can be hot-plugged and mounted), and only then its identity.
 
 Making one works in ``.making-t-<key>-<pid>/`` and renames it into place; a maker killed midway
 leaves that directory and a guest, volume and run dir named ``blahvm-template-<key>``, which
@@ -47,7 +48,7 @@ from blahvm.model import Environment, SiteConfig
 from blahvm.quantities import Size
 from blahvm.trust import directory_problem
 
-FORMAT = 1  # of a template directory; a new format is a new key
+FORMAT = 2  # of a template directory; a new format is a new key (2: shared memfd memory)
 TEMPLATE_PREFIX = "blahvm-template-"  # its guest, volume and run dir while it is made
 MAKING = ".making-"
 RESTORING = ".restoring"
@@ -92,7 +93,7 @@ def root(config: SiteConfig) -> str:
     return os.path.join(config.host.state_dir, "templates")
 
 
-def why_not(environment: Environment, workdir: bool) -> Optional[str]:
+def why_not(environment: Environment) -> Optional[str]:
     """Why this environment's jobs boot whatever templates exist, or None if they may start from one."""
     if environment.start == "boot":
         return "the environment says start: boot"
@@ -104,8 +105,6 @@ def why_not(environment: Environment, workdir: bool) -> Optional[str]:
         return "it has a network: restored guests would share the template's MAC address"
     if environment.scratch:
         return "it has a scratch disk"
-    if workdir:
-        return "the job shares a working directory, which QEMU 7.2 cannot save with a guest (virtiofs)"
     return None
 
 
@@ -296,6 +295,7 @@ def _make_in(config, conn, environment, golden, shape, key, scratch, on_guest) -
         bootloader=environment.bootloader,
         domain_type=resolve_domain_type(config.hypervisor.domain_type),
         genid=True,
+        shared_memory=True,  # so a job's share can be hot-plugged after the restore (virtiofs)
     )
     guests.define_and_start(conn, build_domain_xml(spec))
     if on_guest is not None:
