@@ -30,6 +30,9 @@ _PUBLIC = {
     "capacity": "blahvm.lifecycle",
     "reap": "blahvm.lifecycle",
     "run_job": "blahvm.lifecycle",
+    "suspend": "blahvm.lifecycle",
+    "resume": "blahvm.lifecycle",
+    "accounting": "blahvm.lifecycle",
     "LAUNCH_FAILED": "blahvm.lifecycle",
     "PrepareResult": "blahvm.lifecycle",
     "ReadyResult": "blahvm.lifecycle",
@@ -37,6 +40,9 @@ _PUBLIC = {
     "Capacity": "blahvm.lifecycle",
     "ReapReport": "blahvm.lifecycle",
     "RunResult": "blahvm.lifecycle",
+    "SuspendResult": "blahvm.lifecycle",
+    "AccountingReport": "blahvm.lifecycle",
+    "AccountingRecord": "blahvm.lifecycle",
 }
 
 __all__ = ["__version__", *_PUBLIC]

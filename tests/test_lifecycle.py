@@ -19,6 +19,7 @@ from blahvm.hypervisor.storage import ClonePool
 from blahvm.ledger import Ledger, State
 from blahvm.lifecycle import (
     LAUNCH_FAILED,
+    accounting,
     capacity,
     launch,
     prepare,
@@ -419,6 +420,8 @@ def test_real_guest_destroyed_behind_our_back_is_reaped(demo_image):
             report = reap(config)
             assert report.outcome is Outcome.OK and report.entries_closed == (job.job_id,), report.message
             assert live_entries(config) == ()
+            (record,) = accounting(config).records  # libvirt kept nothing of it: the record says so
+            assert record.cpu_seconds is None and record.note.startswith("no statistics: the guest was gone")
             with open_connection("qemu:///system", timeout=30) as conn:
                 assert result.guest not in domain_names(conn)
                 assert volume_names(config, conn) == set()

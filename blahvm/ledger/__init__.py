@@ -13,13 +13,14 @@ so the host never takes more guests, memory or vcpus than ``HostConfig`` offers.
 
 from blahvm.ledger.capacity import check_fits, free_capacity, lowest_free_slot
 from blahvm.ledger.database import FILENAME, SCHEMA_VERSION, ledger_path
-from blahvm.ledger.entries import LIVE_STATES, Capacity, Entry, State, Usage, may_follow
+from blahvm.ledger.entries import LIVE_STATES, Capacity, Consumed, Entry, State, Usage, may_follow
 from blahvm.ledger.errors import LedgerBusy, LedgerError, NoCapacity
 from blahvm.ledger.processes import owner_alive, process_start_time
 from blahvm.ledger.store import Ledger
 
 __all__ = [
     "Capacity",
+    "Consumed",
     "Entry",
     "FILENAME",
     "LIVE_STATES",

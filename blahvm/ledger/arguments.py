@@ -6,7 +6,7 @@ import json
 import math
 from typing import Iterable, Tuple, Union
 
-from blahvm.ledger.entries import LIVE_STATES, State
+from blahvm.ledger.entries import LIVE_STATES, Consumed, State
 from blahvm.ledger.processes import process_start_time
 
 # Fields a transition may set, besides the state.
@@ -76,3 +76,18 @@ def require_seconds(phase: str, seconds: object) -> float:
     ):
         raise ValueError(f"timing of {phase!r}: {seconds!r} is not a number of seconds >= 0")
     return float(seconds)
+
+
+def require_consumed(consumed: object) -> None:
+    if not isinstance(consumed, Consumed):
+        raise ValueError(f"usage must be a Consumed, not {consumed!r}")
+    for name in ("cpu_seconds", "vcpu_seconds"):
+        value = getattr(consumed, name)
+        if value is not None:
+            require_seconds(name, value)
+    for name in ("max_memory", "disk_read", "disk_write"):
+        value = getattr(consumed, name)
+        if value is not None:
+            require_count(name, value, int)
+    if consumed.note is not None:
+        require_text("note", consumed.note)

@@ -13,7 +13,7 @@ from typing import Callable, Dict
 from blahvm.ledger.errors import LedgerBusy, LedgerError
 
 FILENAME = "ledger.sqlite"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA_V1 = """
 CREATE TABLE entries (
@@ -63,9 +63,20 @@ def _unique_live_guest(db: sqlite3.Connection) -> None:
     db.execute("CREATE UNIQUE INDEX entries_live_guest ON entries(guest) WHERE state != 'closed'")
 
 
+def _usage_columns(db: sqlite3.Connection) -> None:
+    # What the job's guest used (accounting): NULL where unknown, so entries made before are untouched.
+    for column in ("cpu_seconds REAL", "vcpu_seconds REAL", "max_memory INTEGER", "disk_read INTEGER",
+                   "disk_write INTEGER", "usage_note TEXT"):
+        db.execute(f"ALTER TABLE entries ADD COLUMN {column}")
+
+
 # MIGRATIONS[n] brings a ledger from schema version n to n + 1, inside the caller's transaction.
 # To change the schema: add MIGRATIONS[SCHEMA_VERSION] and increment SCHEMA_VERSION.
-MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {0: _create_v1, 1: _unique_live_guest}
+MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {
+    0: _create_v1,
+    1: _unique_live_guest,
+    2: _usage_columns,
+}
 
 
 def ledger_path(state_dir: str) -> str:

@@ -39,6 +39,25 @@ def may_follow(old: State, new: State) -> bool:
 
 
 @attrs.frozen
+class Consumed:
+    """What the job's guest used, read from the hypervisor before it was destroyed; None where unknown.
+
+    ``note`` says what is missing and why (the guest was gone before its statistics could be read).
+    """
+
+    cpu_seconds: Optional[float] = None  # every thread of the guest's QEMU
+    vcpu_seconds: Optional[float] = None  # the guest's vcpus alone
+    max_memory: Optional[Size] = None
+    disk_read: Optional[int] = None  # bytes
+    disk_write: Optional[int] = None
+    note: Optional[str] = None
+
+    @property
+    def known(self) -> bool:
+        return self.cpu_seconds is not None
+
+
+@attrs.frozen
 class Entry:
     """One run of batch job ``job_id`` on this host: its slot, its guest, and what happened to it.
 
@@ -69,6 +88,7 @@ class Entry:
     updated: float = 0.0
     closed: Optional[float] = None
     version: int = 1
+    consumed: Consumed = Consumed()
 
     @property
     def live(self) -> bool:

@@ -6,14 +6,15 @@ import json
 import sqlite3
 from typing import Iterable, Optional, Tuple
 
-from blahvm.ledger.entries import Entry, State, Usage
+from blahvm.ledger.entries import Consumed, Entry, State, Usage
 from blahvm.model import Outcome
 from blahvm.quantities import Size
 
 LIVE = "state != 'closed'"
 _COLUMNS = (
     "id, job_id, slot, state, user, vo, environment, memory, vcpus, guest, volumes, run_dir, "
-    "pid, pid_start, steps, timings, outcome, reason, created, updated, closed, version"
+    "pid, pid_start, steps, timings, outcome, reason, created, updated, closed, version, "
+    "cpu_seconds, vcpu_seconds, max_memory, disk_read, disk_write, usage_note"
 )
 
 
@@ -51,6 +52,14 @@ def _entry(row: sqlite3.Row) -> Entry:
         updated=row["updated"],
         closed=row["closed"],
         version=row["version"],
+        consumed=Consumed(
+            cpu_seconds=row["cpu_seconds"],
+            vcpu_seconds=row["vcpu_seconds"],
+            max_memory=None if row["max_memory"] is None else Size(row["max_memory"]),
+            disk_read=row["disk_read"],
+            disk_write=row["disk_write"],
+            note=row["usage_note"],
+        ),
     )
 
 
@@ -77,6 +86,17 @@ def sum_usage(rows: Iterable[sqlite3.Row]) -> Usage:
         memory=Size(sum(row["memory"] for row in rows)),
         vcpus=sum(row["vcpus"] for row in rows),
     )
+
+
+def consumed_columns(consumed: Consumed) -> dict:
+    return {
+        "cpu_seconds": consumed.cpu_seconds,
+        "vcpu_seconds": consumed.vcpu_seconds,
+        "max_memory": None if consumed.max_memory is None else int(consumed.max_memory),
+        "disk_read": consumed.disk_read,
+        "disk_write": consumed.disk_write,
+        "usage_note": consumed.note,
+    }
 
 
 def dump_timings(timings: Iterable[Tuple[str, float]]) -> str:

@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 from blahvm.ledger import arguments, database, rows
 from blahvm.ledger.arguments import States
 from blahvm.ledger.capacity import check_fits, free_capacity, free_guest, lowest_free_slot
-from blahvm.ledger.entries import Capacity, Entry, State, Usage, may_follow
+from blahvm.ledger.entries import Capacity, Consumed, Entry, State, Usage, may_follow
 from blahvm.ledger.processes import process_start_time
 from blahvm.model import HostConfig, Outcome
 from blahvm.quantities import Size
@@ -207,6 +207,19 @@ class Ledger:
             rows.update(db, entry.id, {"timings": rows.dump_timings(timings.items())})
             return True
 
+    def record_usage(self, job_id: str, consumed: Consumed) -> bool:
+        """Record what the guest of the job's latest run (live, else last closed) used; replaces what was there.
+
+        False if the job has no entry at all.
+        """
+        arguments.require_consumed(consumed)
+        with self._write() as db:
+            entry = rows.select_one(db, "WHERE job_id = ? ORDER BY id DESC LIMIT 1", (job_id,))
+            if entry is None:
+                return False
+            rows.update(db, entry.id, rows.consumed_columns(consumed))
+            return True
+
     def prune(self, older_than: float) -> int:
         """Delete closed entries closed more than ``older_than`` seconds ago; returns how many."""
         with self._write() as db:
@@ -233,6 +246,13 @@ class Ledger:
         with self._errors():
             return rows.select(
                 self._db, "WHERE state = 'closed' ORDER BY closed DESC, id DESC LIMIT ?", (limit,)
+            )
+
+    def closed_since(self, since: float) -> Tuple[Entry, ...]:
+        """Entries closed at or after ``since`` (seconds since the epoch), the earliest closed first."""
+        with self._errors():
+            return rows.select(
+                self._db, "WHERE state = 'closed' AND closed >= ? ORDER BY closed, id", (float(since),)
             )
 
     def usage(self) -> Usage:

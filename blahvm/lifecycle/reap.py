@@ -20,6 +20,7 @@ from blahvm.jobshare import leftovers, release, share_root
 from blahvm.ledger import Entry, Ledger, LedgerError, State, owner_alive
 from blahvm.lifecycle import templates
 from blahvm.lifecycle._common import clone_pool, connect, dismantle, is_run_dir
+from blahvm.lifecycle.accounting import collect
 from blahvm.lifecycle.results import ReapReport
 from blahvm.lifecycle.static import clean_free_guests, is_static_lease, static_guests, take_apart
 from blahvm.model import Outcome, SiteConfig
@@ -101,6 +102,7 @@ def _close_dead_entries(config: SiteConfig, ledger: Ledger, conn: Connection, dr
         if claimed is None:
             continue  # someone else is working on it
         had_run_dir = bool(claimed.run_dir) and os.path.isdir(claimed.run_dir)
+        claimed = collect(ledger, conn, claimed)  # a guest still up gives its figures; a gone one, a note
         done = take_apart(config, conn, claimed)
         if done.guest_removed and not is_static_lease(claimed):  # a leased guest is returned, not removed
             removed[0].append(claimed.guest)

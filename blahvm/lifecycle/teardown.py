@@ -8,6 +8,7 @@ import time
 from blahvm.hypervisor.errors import HypervisorError, SpecError
 from blahvm.ledger import Ledger, LedgerError, State
 from blahvm.lifecycle._common import connect, dismantle, job_names
+from blahvm.lifecycle.accounting import collect
 from blahvm.lifecycle.results import TeardownResult
 from blahvm.lifecycle.static import take_apart
 from blahvm.model import Outcome, SiteConfig
@@ -32,6 +33,7 @@ def teardown(config: SiteConfig, job_id: str) -> TeardownResult:
             entry = ledger.get(job_id)
             if entry is not None and entry.live:
                 entry = ledger.transition(job_id, entry.state, State.TEARING_DOWN, pid=os.getpid()) or entry
+                entry = collect(ledger, conn, entry)  # libvirt forgets a guest's statistics once destroyed
                 done = take_apart(config, conn, entry)  # a leased static guest is returned, not removed
                 ledger.close(job_id, Outcome.OK, expected_version=entry.version)
                 ledger.record_timing(job_id, "teardown", time.monotonic() - started)
