@@ -142,6 +142,8 @@ def test_accounting_command_prints_one_record_per_run(site):  # noqa: F811
     assert shown.returncode == 0, shown.stderr
     lines = [json.loads(line) for line in shown.stdout.splitlines()]
     assert [line["job_id"] for line in lines] == ["1.srv", "2.srv"]
+    only = blahvm("accounting", "--config", site, "--json", "--job-id", "2.srv").stdout.splitlines()
+    assert [json.loads(line)["job_id"] for line in only] == ["2.srv"]
     assert {"job_id", "user", "vo", "environment", "cpu_seconds", "wall_seconds", "provision_seconds",
             "max_memory_bytes", "disk_read_bytes", "disk_write_bytes"} <= set(lines[0])
     assert (lines[0]["user"], lines[0]["vo"], lines[0]["environment"]) == ("nobody", "cms", "demo")

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Optional
 
-from blahvm.cli.common import add_config_option, fail, resolved_config_path
+from blahvm.cli.common import add_config_option, bad_text, fail, resolved_config_path
 from blahvm.cli.outcomes import EXIT_CODES_HELP, EXIT_OK, exit_code, step
 from blahvm.errors import printable
 
@@ -32,6 +32,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--since", metavar="T",
                         help="only runs that ended at or after T: a date or time (2024-05-01, 2024-05-01T12:00, "
                              "local unless it has an offset) or a time ago (90m, 2d, 3600)")
+    parser.add_argument("--job-id", metavar="ID", help="only this job's runs")
     parser.add_argument("--json", action="store_true", help="one JSON object per line, one line per run")
     parser.set_defaults(run=run)
 
@@ -57,12 +58,15 @@ def run(args: argparse.Namespace) -> int:
     from blahvm.config import load_config
     from blahvm.lifecycle import accounting
 
+    complaint = bad_text(args, "job-id")
+    if complaint:
+        return fail(complaint)
     try:
         since = parse_since(args.since, time.time())
     except ValueError as error:
         return fail(str(error))
     config = load_config(resolved_config_path(args))
-    report = accounting(config, since)
+    report = accounting(config, since, args.job_id)
     if report.outcome.name != "OK":
         step(report.message)
         return exit_code(report.outcome)

@@ -248,12 +248,14 @@ class Ledger:
                 self._db, "WHERE state = 'closed' ORDER BY closed DESC, id DESC LIMIT ?", (limit,)
             )
 
-    def closed_since(self, since: float) -> Tuple[Entry, ...]:
-        """Entries closed at or after ``since`` (seconds since the epoch), the earliest closed first."""
+    def closed_since(self, since: float, job_id: Optional[str] = None) -> Tuple[Entry, ...]:
+        """Entries closed at or after ``since`` (seconds since the epoch), the earliest closed first;
+        with ``job_id``, only that job's runs."""
+        where, params = "WHERE state = 'closed' AND closed >= ?", (float(since),)
+        if job_id is not None:
+            where, params = where + " AND job_id = ?", params + (job_id,)
         with self._errors():
-            return rows.select(
-                self._db, "WHERE state = 'closed' AND closed >= ? ORDER BY closed, id", (float(since),)
-            )
+            return rows.select(self._db, where + " ORDER BY closed, id", params)
 
     def usage(self) -> Usage:
         with self._errors():

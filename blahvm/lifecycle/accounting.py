@@ -113,14 +113,15 @@ class AccountingReport:
     records: Tuple[AccountingRecord, ...] = ()
 
 
-def accounting(config: SiteConfig, since: float = 0.0) -> AccountingReport:
-    """One record per run closed on this host at or after ``since`` (seconds since the epoch), oldest first.
+def accounting(config: SiteConfig, since: float = 0.0, job_id: Optional[str] = None) -> AccountingReport:
+    """One record per run closed on this host at or after ``since`` (seconds since the epoch), oldest first;
+    with ``job_id``, only that job's runs (an epilogue reporting its job's usage to the batch system).
 
     Runs as root (the ledger is root's); needs no hypervisor. ``RETRY_ELSEWHERE`` if the ledger cannot be read.
     """
     try:
         with Ledger(config.host) as ledger:
-            records = tuple(record_of(entry) for entry in ledger.closed_since(since))
+            records = tuple(record_of(entry) for entry in ledger.closed_since(since, job_id))
     except (LedgerError, OSError) as error:
         return AccountingReport(Outcome.RETRY_ELSEWHERE, f"accounting: {error}")
     return AccountingReport(Outcome.OK, f"accounting: {len(records)} runs", records)
