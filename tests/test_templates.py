@@ -301,7 +301,7 @@ def test_real_jobs_from_one_saved_state_are_fresh_and_a_bad_state_boots(demo_ima
                     assert time.monotonic() < deadline, "no template maker started"
                     time.sleep(0.1)
             (scratch,) = [name for name in os.listdir(root) if name.startswith(templates.MAKING)]
-            os.kill(int(scratch.rsplit("-", 1)[1]), signal.SIGKILL)
+            os.kill(int(scratch.split("-")[-2]), signal.SIGKILL)  # .making-t-<key>-<pid>-<start>
         finally:
             assert teardown(config, third.job_id).outcome is Outcome.OK
         deadline = time.monotonic() + 10
@@ -360,3 +360,33 @@ def test_a_real_job_with_a_working_directory_is_restored_and_runs_its_script_fro
         assert run_dirs(config) == set() and live_entries(config) == ()
     finally:
         site.__exit__(None, None, None)
+
+
+@pytest.mark.guest
+def test_a_background_maker_whose_site_is_removed_stops_cleans_up_and_makes_nothing_again(demo_image):
+    from blahvm.lifecycle._common import clone_pool
+
+    site, config = _root_site(demo_image)
+    where = os.path.dirname(config.host.state_dir)
+    env = config.environments["demo"]
+    shape = templates.Shape(env.memory, env.vcpus)
+    try:
+        golden = verify_image(env.name, env.image, env.sha256, config.host.state_dir)
+        with open_connection("qemu:///system", timeout=60) as conn:
+            clone_pool(config, conn)  # as the prepare that started the maker had it
+            name = templates.guest_name(templates.key_of(config, conn, env, golden, shape))
+            pid = templates.make_in_background(config, env, shape)
+            deadline = time.monotonic() + 60
+            while guests.domain_state(conn, name) is None:  # its guest boots
+                assert time.monotonic() < deadline and templates._alive(pid), "the maker started no guest"
+                time.sleep(0.1)
+    finally:
+        site.__exit__(None, None, None)  # reap leaves a live maker's guest alone; then pool and dirs go
+    deadline = time.monotonic() + 60
+    while templates._alive(pid):
+        assert time.monotonic() < deadline, "the maker did not stop once its site was removed"
+        time.sleep(0.1)
+    with open_connection("qemu:///system", timeout=30) as conn:
+        assert guests.domain_state(conn, name) is None
+        pools = [pool.name() for pool in conn.raw.listAllStoragePools(0)]
+    assert config.hypervisor.pool not in pools and not os.path.exists(where)  # nothing made again

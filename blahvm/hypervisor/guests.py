@@ -91,6 +91,17 @@ def define_and_start(conn: Connection, xml: str) -> str:
     return name
 
 
+def start_bound_to_connection(conn: Connection, xml: str) -> str:
+    """Start a transient guest that libvirt destroys when ``conn`` closes, however its holder ends
+    (``VIR_DOMAIN_START_AUTODESTROY``: a process killed with SIGKILL closes its connection too);
+    returns its name. For guests that must never outlive the process that made them."""
+    name = _domain_name(xml)
+    module = libvirt()
+    conn.call(f"start {name}", conn.raw.createXML, xml,
+              module.VIR_DOMAIN_START_AUTODESTROY | module.VIR_DOMAIN_START_VALIDATE)
+    return name
+
+
 def destroy_and_undefine(conn: Connection, name: str) -> bool:
     """Stop the guest whatever it is doing and forget it; False when it was already gone."""
     check_safe_name(name)

@@ -15,9 +15,13 @@ as soon as its agent answers, and never resumed: each job gets a save file of it
 over the frozen disk, then, from the host, the clock and fresh entropy, the job's directory (its
 memory is a shared memfd, so the share can be hot-plugged and mounted), and only then its identity.
 
-Making one works in ``.making-t-<key>-<pid>/`` and renames it into place; a maker killed midway
-leaves that directory and a guest, volume and run dir named ``blahvm-template-<key>``, which
-``reap`` removes once the pid is dead (``leftovers``).
+Making one works in ``.making-t-<key>-<pid>-<start>/`` (the maker's pid and its start time, so a
+recycled pid is not taken for it) and renames it into place. Its guest is transient and bound to the
+maker's libvirt connection (``guests.start_bound_to_connection``): libvirt destroys it when the maker
+ends, however it ends, SIGKILL included. A maker stops and cleans up on SIGTERM, SIGINT or SIGHUP,
+and as soon as its scratch directory vanishes (its site was removed under it); it never makes its
+state dir or pool again. What a killed maker leaves (the scratch dir, a volume and run dir named
+``blahvm-template-<key>``) ``reap`` removes once the maker is dead (``leftovers``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from blahvm.hypervisor.connection import Connection
 from blahvm.hypervisor.domain import BackingFile, DiskSpec, GuestMetadata, GuestSpec, build_domain_xml, guest_uuid
 from blahvm.hypervisor.errors import HypervisorError
 from blahvm.hypervisor.images import ImageInfo
+from blahvm.hypervisor.storage import ClonePool
 from blahvm.hypervisor.kvm import resolve_domain_type
 from blahvm.lifecycle import _rundir
 from blahvm.lifecycle._common import AGENT_SOCKET, MAX_AGENT_PORTS, clone_pool, control_socket_of, job_state_path
@@ -147,11 +152,12 @@ def _directory(config: SiteConfig, key: str) -> str:
     return os.path.join(root(config), "t-" + key)
 
 
-def _ensure_root(config: SiteConfig) -> str:
+def _ensure_root(config: SiteConfig, make_state_dir: bool = True) -> str:
     """The templates directory, root's, 0711 (QEMU's user reaches the frozen disks, lists nothing),
     in a state dir only root can change."""
     path = root(config)
-    os.makedirs(config.host.state_dir, mode=0o755, exist_ok=True)
+    if make_state_dir:
+        os.makedirs(config.host.state_dir, mode=0o755, exist_ok=True)
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o711)
     problem = directory_problem(path)
@@ -237,14 +243,20 @@ def guest_name(key: str) -> str:
 
 
 def make(config: SiteConfig, conn: Connection, environment: Environment, golden: ImageInfo, shape: Shape,
-         on_guest=None) -> Optional[Made]:
+         on_guest=None, background: bool = False) -> Optional[Made]:
     """Make the template of ``environment`` and ``shape`` unless it exists; None if another process
-    is making it now. ``on_guest(name)`` is called once its guest is defined (tests kill us there)."""
+    is making it now. ``on_guest(name)`` is called once its guest is defined (tests kill us there).
+    ``background``: a maker no one waits for, which gives up if its site's state dir is gone."""
     started = time.monotonic()
+    if background and not os.path.isdir(config.host.state_dir):
+        raise TemplateUnusable(f"state dir {config.host.state_dir} is gone: its site was removed")
     key = key_of(config, conn, environment, golden, shape)
     with contextlib.suppress(TemplateUnusable):
         return Made(find(config, key, shape), 0.0, False)
-    top = _ensure_root(config)
+    try:
+        top = _ensure_root(config, make_state_dir=not background)
+    except FileNotFoundError:
+        raise TemplateUnusable(f"state dir {config.host.state_dir} is gone: its site was removed") from None
     lock = os.open(os.path.join(top, f".t-{key}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:
@@ -254,10 +266,10 @@ def make(config: SiteConfig, conn: Connection, environment: Environment, golden:
         with contextlib.suppress(TemplateUnusable):
             return Made(find(config, key, shape), 0.0, False)
         _remove_leftovers_of(config, conn, key)
-        scratch = os.path.join(top, f"{MAKING}t-{key}-{os.getpid()}")
+        scratch = os.path.join(top, f"{MAKING}t-{key}-{os.getpid()}-{_start_time(os.getpid())}")
         os.mkdir(scratch, 0o711)
         try:
-            _make_in(config, conn, environment, golden, shape, key, scratch, on_guest)
+            _make_in(config, conn, environment, golden, shape, key, scratch, on_guest, background)
             final = _directory(config, key)
             shutil.rmtree(final, ignore_errors=True)  # a damaged one of the same key
             os.rename(scratch, final)
@@ -270,10 +282,12 @@ def make(config: SiteConfig, conn: Connection, environment: Environment, golden:
         os.close(lock)
 
 
-def _make_in(config, conn, environment, golden, shape, key, scratch, on_guest) -> None:
+def _make_in(config, conn, environment, golden, shape, key, scratch, on_guest, background) -> None:
     name = guest_name(key)
     run_dir = os.path.join(config.host.run_dir, name)
-    pool = clone_pool(config, conn)
+    pool = ClonePool.find(conn, config.hypervisor.pool) if background else clone_pool(config, conn)
+    if pool is None:  # the job that asked for it has its pool: gone means its site was removed
+        raise TemplateUnusable(f"pool {config.hypervisor.pool} is gone: its site was removed")
     volume = name + ".qcow2"
     disk = pool.clone_overlay(golden, volume)
     _rundir.make(config.host.run_dir, run_dir)
@@ -297,13 +311,10 @@ def _make_in(config, conn, environment, golden, shape, key, scratch, on_guest) -
         genid=True,
         shared_memory=True,  # so a job's share can be hot-plugged after the restore (virtiofs)
     )
-    guests.define_and_start(conn, build_domain_xml(spec))
+    guests.start_bound_to_connection(conn, build_domain_xml(spec))  # gone when this process is
     if on_guest is not None:
         on_guest(name)
-    try:  # its agent answers: booted. Never bound, so it never ran anything.
-        client.wait_ready(spec.control_socket, READY_TIMEOUT)
-    except client.AgentError as error:
-        raise TemplateUnusable(f"the template guest did not become ready: {error}") from None
+    _wait_ready(spec.control_socket, scratch)  # its agent answers: booted. Never bound, so it never ran anything.
     state = os.path.join(scratch, "state.save")
     saved.save(conn, name, state)
     header = saved.read_header(state)
@@ -330,13 +341,31 @@ def _make_in(config, conn, environment, golden, shape, key, scratch, on_guest) -
         os.fsync(file.fileno())
 
 
+def _wait_ready(control_socket: str, scratch: str) -> None:
+    """Until the template guest's agent answers, in short waits: a maker whose scratch dir vanished
+    (its site was removed) stops at once instead of waiting out the whole timeout."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        if not os.path.isdir(scratch):
+            raise TemplateUnusable(f"{scratch} vanished while the template guest booted: its site was removed")
+        try:
+            client.wait_ready(control_socket, min(1.0, max(0.1, deadline - time.monotonic())))
+            return
+        except client.AgentError as error:
+            if time.monotonic() >= deadline:
+                raise TemplateUnusable(f"the template guest did not become ready: {error}") from None
+
+
 def _take_apart_guest(config: SiteConfig, conn: Connection, key: str) -> None:
-    """The template guest, its volume and run dir: gone is fine."""
+    """The template guest, its volume and run dir: gone is fine. Nothing is made to do it (a pool
+    removed with its site stays removed)."""
     name = guest_name(key)
     with contextlib.suppress(HypervisorError):
         guests.destroy_and_undefine(conn, name)
     with contextlib.suppress(HypervisorError):
-        clone_pool(config, conn).delete_volume(name + ".qcow2")
+        pool = ClonePool.find(conn, config.hypervisor.pool)
+        if pool is not None:
+            pool.delete_volume(name + ".qcow2")
     run_dir = os.path.join(config.host.run_dir, name)
     with contextlib.suppress(OSError):
         if os.path.isdir(run_dir):
@@ -347,9 +376,9 @@ def _take_apart_guest(config: SiteConfig, conn: Connection, key: str) -> None:
 
 def _remove_leftovers_of(config: SiteConfig, conn: Connection, key: str) -> None:
     _take_apart_guest(config, conn, key)
-    for scratch, pid in _making_dirs(config):
-        if scratch.startswith(os.path.join(root(config), f"{MAKING}t-{key}-")) and not _alive(pid):
-            shutil.rmtree(scratch, ignore_errors=True)
+    for making in _making_dirs(config):
+        if making.key == key and not making.alive:
+            shutil.rmtree(making.scratch, ignore_errors=True)
 
 
 def _remove_predecessors(config: SiteConfig, environment: str, shape: Shape, key: str) -> None:
@@ -387,41 +416,65 @@ def listing(config: SiteConfig) -> List[dict]:
 # -- after a crash ------------------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie, killed but not yet waited for, does not)."""
+def _stat_fields(pid: int) -> Optional[List[bytes]]:
+    """/proc/<pid>/stat after the command name (state is [0], start time [19]), or None."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+            return stat.read().rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
+        return None
+
+
+def _start_time(pid: int) -> int:
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields is not None and len(fields) > 19 else 0
+
+
+def _alive(pid: int, start: Optional[int] = None) -> bool:
+    """Whether ``pid`` still runs (a zombie, killed but not yet waited for, does not) and, given
+    ``start``, is the process that started then, not another that got its pid since."""
+    fields = _stat_fields(pid)
+    if fields is None or len(fields) < 20 or fields[0] in (b"Z", b"X"):
         return False
+    return start is None or int(fields[19]) == start
 
 
-def _making_dirs(config: SiteConfig) -> List[Tuple[str, int]]:
+@attrs.frozen
+class _Making:
+    scratch: str
+    key: str
+    pid: int
+    start: Optional[int]  # None: named before makers recorded it
+
+    @property
+    def alive(self) -> bool:
+        return _alive(self.pid, self.start)
+
+
+def _making_dirs(config: SiteConfig) -> List[_Making]:
     try:
         names = os.listdir(root(config))
     except FileNotFoundError:
         return []
     found = []
     for name in names:
-        if name.startswith(MAKING):
-            with contextlib.suppress(ValueError):
-                found.append((os.path.join(root(config), name), int(name.rsplit("-", 1)[1])))
+        if name.startswith(MAKING + "t-"):
+            parts = name[len(MAKING) + 2:].split("-")
+            with contextlib.suppress(ValueError, IndexError):
+                start = int(parts[2]) if len(parts) > 2 else None
+                found.append(_Making(os.path.join(root(config), name), parts[0], int(parts[1]), start))
     return found
 
 
 def being_made(config: SiteConfig) -> frozenset:
     """Names of the template guests a live maker is working on: reap leaves them alone."""
-    names = set()
-    for scratch, pid in _making_dirs(config):
-        if _alive(pid):
-            names.add(guest_name(os.path.basename(scratch)[len(MAKING) + 2:].rsplit("-", 1)[0]))
-    return frozenset(names)
+    return frozenset(guest_name(making.key) for making in _making_dirs(config) if making.alive)
 
 
 def leftovers(config: SiteConfig, live_guests: set) -> List[str]:
     """What a killed maker, or a prepare killed while restoring, left under the templates
     directory: scratch dirs of dead makers, job save files of guests no live entry owns."""
-    found = [scratch for scratch, pid in _making_dirs(config) if not _alive(pid)]
+    found = [making.scratch for making in _making_dirs(config) if not making.alive]
     try:
         restoring = os.listdir(os.path.join(root(config), RESTORING))
     except FileNotFoundError:
@@ -469,13 +522,34 @@ def _main(argv: List[str]) -> int:
     from blahvm.hypervisor.images import verify_image
     from blahvm.lifecycle._common import connect
 
+    _stop_cleanly_on_signals()
     config = parse_config(sys.stdin.buffer.read())
     environment = config.environments[argv[0]]
     shape = Shape(Size(int(argv[1])), int(argv[2]))
+    if not os.path.isdir(config.host.state_dir):  # its site is gone: make nothing of it again
+        return 1
     golden = verify_image(environment.name, environment.image, environment.sha256, config.host.state_dir)
     with connect(config) as conn:
-        make(config, conn, environment, golden, shape)
+        make(config, conn, environment, golden, shape, background=True)
     return 0
+
+
+class _Stopped(BaseException):
+    """A signal asked the maker to stop: its cleanup runs on the way out."""
+
+
+def _stop_cleanly_on_signals() -> None:
+    """SIGTERM, SIGINT, SIGHUP unwind the maker through its cleanup (their default would end it on
+    the spot); a second one during the cleanup is ignored."""
+    import signal
+
+    def stop(signum, _frame):
+        for other in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(other, signal.SIG_IGN)
+        raise _Stopped(f"signal {signum}")
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, stop)
 
 
 if __name__ == "__main__":
