@@ -411,5 +411,5 @@ def test_starter_and_post_exec_without_a_guest(site):
         refused.stderr, refused.stderr
     empty = lsf.run_job_starter(site["serverdir"], env, "", "nobody", "/tmp")
     assert empty.returncode == 255 and b"got no command" in empty.stderr
-    # teardown cannot reach libvirt: reported, never relied on
-    assert lsf.run_post_exec(site["serverdir"], env, 0) == 1
+    # a job that never had a guest: teardown needs no hypervisor (none is reachable here) and is done
+    assert lsf.run_post_exec(site["serverdir"], env, 0) == 0
