@@ -32,6 +32,7 @@ _PUBLIC = {
     "run_job": "blahvm.lifecycle",
     "suspend": "blahvm.lifecycle",
     "resume": "blahvm.lifecycle",
+    "follow": "blahvm.lifecycle",
     "accounting": "blahvm.lifecycle",
     "LAUNCH_FAILED": "blahvm.lifecycle",
     "PrepareResult": "blahvm.lifecycle",

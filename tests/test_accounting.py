@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -19,8 +22,9 @@ from blahvm.cli.accounting import parse_since
 from blahvm.hypervisor.stats import DomainUsage, usage_of
 from blahvm.ledger import Consumed, Ledger, State, database
 from blahvm.ledger.entries import Entry
-from blahvm.lifecycle import accounting, prepare, resume, suspend, teardown
+from blahvm.lifecycle import accounting, follow, prepare, resume, suspend, teardown
 from blahvm.lifecycle.accounting import GONE, record_of
+from blahvm.lifecycle.follow import stopped_state
 from blahvm.model import HostConfig, Outcome
 from blahvm.quantities import Size
 from tests.test_cli_host import blahvm, prepare as cli_prepare, site  # noqa: F401  (site: a fixture)
@@ -134,6 +138,57 @@ def test_teardown_records_what_it_could_read_and_suspend_resume_the_guest(tmp_pa
         assert gone.outcome is Outcome.FAIL_JOB and "no running guest" in gone.message
 
 
+def test_a_stopped_process_is_told_from_a_running_a_traced_and_a_dead_one():
+    assert stopped_state(b"12 (a) b) T 1 2") is True  # the command name may hold ") "
+    assert (stopped_state(b"12 (sh) S 1"), stopped_state(b"12 (sh) t 1"), stopped_state(b"12 (sh) Z 1")) == \
+        (False, False, None)
+
+
+def until(condition, limit=60.0):
+    """Wait for ``condition()`` (bounded: a hang is a failure, a slow host is not)."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def guest_state(conn, config, job):
+    from blahvm.hypervisor.guests import domain_state
+    from blahvm.lifecycle._common import job_names
+
+    return domain_state(conn, job_names(config, job.job_id).guest)
+
+
+def test_follow_pauses_the_guest_while_its_starter_is_stopped(tmp_path, golden, keep_driver):
+    config = make_config(tmp_path, golden)
+    job = make_job()
+    assert prepare(config, job, ready_timeout=None).outcome is Outcome.OK
+    starter = subprocess.Popen(["sleep", "600"])
+    results = []
+    follower = threading.Thread(target=lambda: results.append(follow(config, job.job_id, [starter.pid], poll=0.05)))
+    follower.start()
+    try:
+        os.kill(starter.pid, signal.SIGSTOP)
+        until(lambda: guest_state(keep_driver, config, job) == "paused")
+        os.kill(starter.pid, signal.SIGCONT)
+        until(lambda: guest_state(keep_driver, config, job) == "running")
+        assert suspend(config, job.job_id).state == "paused"  # an admin's pause is not follow's to undo
+        time.sleep(0.3)
+        assert guest_state(keep_driver, config, job) == "paused"
+        assert resume(config, job.job_id).state == "running"
+        os.kill(starter.pid, signal.SIGSTOP)
+        until(lambda: guest_state(keep_driver, config, job) == "paused")
+    finally:
+        starter.kill()
+        starter.wait()
+        follower.join(60)
+    (done,) = results
+    assert (done.outcome, done.state) == (Outcome.OK, "running"), done.message  # resumed: the starter is gone
+    assert "paused 2 times" in done.message
+    assert follow(config, "no.such.job", [os.getpid()]).outcome is Outcome.FAIL_JOB
+    teardown(config, job.job_id)
+
+
 def test_accounting_command_prints_one_record_per_run(site):  # noqa: F811
     for job in ("1.srv", "2.srv"):
         assert cli_prepare(site, job, "--no-wait").returncode == 0
@@ -164,6 +219,11 @@ def test_accounting_command_prints_one_record_per_run(site):  # noqa: F811
 BURN = ('while :; do set -- $(cat /proc/$$/stat); t=$((${14}+${15}+${16}+${17})); [ $t -ge 200 ] && break; '
         'i=0; while [ $i -lt 2000 ]; do i=$((i+1)); done; done; echo $t')
 COUNT = "i=0; while [ $i -lt 30 ]; do echo $i; i=$((i+1)); sleep 0.1; done; exit 3"
+# A job starter as a batch system runs it: its own process, which the test stops and continues.
+STARTER = ("import sys; from blahvm.lifecycle import launch; from blahvm.model import Decision, HostConfig, Job, "
+           "SiteConfig; run_dir, job_id = sys.argv[1:]; config = SiteConfig(host=HostConfig(run_dir=run_dir)); "
+           "job = Job(job_id=job_id, user='nobody', decision=Decision('q', 'demo', 'r', None, 1, 1)); "
+           f"sys.exit(launch(config, job, ['sh', '-c', {COUNT!r}]))")
 
 
 def vcpu_delay(guest):
@@ -228,6 +288,27 @@ def test_real_guest_pauses_with_its_job_and_its_usage_is_accounted(demo_image):
             assert codes == [3] and b"".join(chunks) == b"".join(b"%d\n" % i for i in range(30))
             lines_out = before.count(b"\n")
             print(f"paused with {lines_out} of 30 lines out; no line and no vcpu time for 3 s")
+
+            # follow: the starter stopped as a batch system stops it, the guest pauses; continued, it runs
+            starter = subprocess.Popen([sys.executable, "-c", STARTER, config.host.run_dir, job.job_id],
+                                       stdout=subprocess.PIPE)
+            followed = []
+            follower = threading.Thread(target=lambda: followed.append(follow(config, job.job_id, [starter.pid])))
+            follower.start()
+            first = starter.stdout.readline()
+            assert first == b"0\n"
+            os.kill(starter.pid, signal.SIGSTOP)
+            with open_connection(config.hypervisor.uri, timeout=30) as conn:
+                until(lambda: guest_state(conn, config, job) == "paused")
+                vcpu_before = domain_usage(conn, result.guest).vcpu_seconds
+                time.sleep(3)
+                assert domain_usage(conn, result.guest).vcpu_seconds == pytest.approx(vcpu_before, abs=0.05)
+                os.kill(starter.pid, signal.SIGCONT)
+                until(lambda: guest_state(conn, config, job) in ("running", "blocked"))
+            rest = starter.stdout.read()
+            assert starter.wait(120) == 3 and first + rest == b"".join(b"%d\n" % i for i in range(30))
+            follower.join(60)
+            assert followed and followed[0].outcome is Outcome.OK and "paused 1 times" in followed[0].message
 
             # accounting: the CPU the payload burnt and the bytes dd wrote are in the record
             with open_connection(config.hypervisor.uri, timeout=30) as conn:

@@ -10,8 +10,8 @@ import sys
 from blahvm._version import __version__
 
 # Command modules, in the order --help lists them.
-COMMANDS = ("check", "route", "lint", "run", "prepare", "teardown", "suspend", "resume", "guests", "capacity",
-            "accounting", "reap", "install", "image")
+COMMANDS = ("check", "route", "lint", "run", "prepare", "teardown", "suspend", "resume", "follow", "guests",
+            "capacity", "accounting", "reap", "install", "image")
 
 EXIT_INTERNAL = 70  # sysexits' EX_SOFTWARE: a bug in blahvm, not in the input
 

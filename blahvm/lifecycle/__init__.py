@@ -12,6 +12,7 @@ reached only through ``blahvm.hypervisor``; ``launch`` and ``wait_ready`` need n
 
 from blahvm.lifecycle.accounting import AccountingRecord, AccountingReport, accounting
 from blahvm.lifecycle.capacity import capacity
+from blahvm.lifecycle.follow import follow
 from blahvm.lifecycle.launch import LAUNCH_FAILED, launch, wait_ready
 from blahvm.lifecycle.prepare import DEFAULT_READY_TIMEOUT, prepare
 from blahvm.lifecycle.reap import reap
@@ -34,6 +35,7 @@ __all__ = [
     "accounting",
     "TeardownResult",
     "capacity",
+    "follow",
     "launch",
     "prepare",
     "reap",
