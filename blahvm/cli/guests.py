@@ -51,14 +51,25 @@ def run(args: argparse.Namespace) -> int:
         leftovers = None if would_reap is None else {"volumes": list(would_reap.volumes),
                                                       "run_dirs": list(would_reap.run_dirs)}
         json.dump({"hypervisor": config.hypervisor.uri, "libvirt_reachable": listed is not None,
-                   "guests": rows, "reap_would_remove": leftovers}, sys.stdout)
+                   "guests": rows, "reap_would_remove": leftovers, "templates": _templates(config)}, sys.stdout)
         sys.stdout.write("\n")
     else:
         _print_table(rows)
+        for template in _templates(config):  # what each saved state costs on disk
+            print(f"template t-{template['key']} of {printable(template['environment'])} "
+                  f"({int(template['memory'] or 0) // 1024**2}MiB, {template['vcpus']} vcpus): state "
+                  f"{template['state_size'] / 1024**2:.1f}MiB, disk {template['disk_size'] / 1024**2:.1f}MiB")
         if would_reap is not None and (would_reap.volumes or would_reap.run_dirs):
             print(f"reap would also remove {len(would_reap.volumes)} volumes and "
                   f"{len(would_reap.run_dirs)} run dirs that no live job owns")
     return EXIT_OK
+
+
+def _templates(config) -> list:
+    from blahvm.lifecycle import templates
+
+    keys = ("key", "environment", "memory", "vcpus", "state_size", "disk_size", "made")
+    return [{key: record.get(key) for key in keys} for record in templates.listing(config)]
 
 
 def _hypervisor_side(config):

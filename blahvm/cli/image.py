@@ -1,12 +1,16 @@
-"""``blahvm image``: golden images. ``build-demo`` builds (or reuses) the demo image.
-
-Progress goes to stderr; stdout ends with the YAML entry for the site config's ``environments:``.
+"""``blahvm image``: golden images. ``build-demo`` builds (or reuses) the demo image: progress goes
+to stderr; stdout ends with the YAML entry for the site config's ``environments:``. ``warm`` makes
+the saved-state templates of the site's environments ahead of their first jobs: one line each.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+
+from blahvm.cli.common import add_config_option, resolved_config_path
+from blahvm.cli.outcomes import EXIT_BAD_INPUT, EXIT_CODES_HELP, exit_code, step
 
 
 def add_parser(subparsers: "argparse._SubParsersAction") -> None:
@@ -26,6 +30,17 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> None:
     )
     build.add_argument("--name", default="demo", help="environment name in the printed entry (default demo)")
     build.set_defaults(run=run_build_demo)
+    warm = commands.add_parser(
+        "warm",
+        help="make the saved-state templates jobs start from, ahead of their first jobs",
+        description="Make the template (a saved post-boot state) of each environment, or of the one "
+                    "given, in the environment's own shape, unless it is there already; print one line "
+                    "each: environment, template, state and disk size, made or present (or why none).",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_option(warm)
+    warm.add_argument("--environment", metavar="E", help="only this environment")
+    warm.set_defaults(run=run_warm)
 
 
 def run_build_demo(args: argparse.Namespace) -> int:
@@ -40,3 +55,40 @@ def run_build_demo(args: argparse.Namespace) -> int:
     print(f"# add under `environments:` in the site config (image {image.key})")
     sys.stdout.write(image.environment_yaml(args.name))
     return 0
+
+
+def run_warm(args: argparse.Namespace) -> int:
+    from blahvm.config import load_config
+    from blahvm.errors import printable
+    from blahvm.hypervisor.errors import HypervisorError
+    from blahvm.lifecycle.templates import TemplateUnusable
+    from blahvm.lifecycle.warm import warm
+    from blahvm.model import Outcome
+
+    config = load_config(resolved_config_path(args))
+    started = time.monotonic()
+    try:
+        warmed = warm(config, [args.environment] if args.environment else None)
+    except KeyError:
+        step(f"image warm: environment {args.environment!r} is not in this host's config")
+        return EXIT_BAD_INPUT
+    except HypervisorError as error:
+        step(f"image warm: {error}")
+        return exit_code(error.outcome)
+    except (TemplateUnusable, OSError) as error:
+        step(f"image warm: {error}")
+        return exit_code(Outcome.RETRY_ELSEWHERE)
+    for done in warmed:
+        if done.key is None:
+            print(f"{printable(done.environment)}: no template: {printable(done.skipped)}")
+        else:
+            how = f"made in {done.seconds:.1f}s" if done.made else "present"
+            print(f"{printable(done.environment)}: t-{done.key} state {_mib(done.state_size)} "
+                  f"disk {_mib(done.disk_size)} ({how})")
+    step(f"image warm: {sum(d.made for d in warmed)} made, {sum(d.key is not None and not d.made for d in warmed)} "
+         f"present, {sum(d.key is None for d in warmed)} without", time.monotonic() - started)
+    return 0
+
+
+def _mib(size: int) -> str:
+    return f"{size / 1024**2:.1f}MiB"
