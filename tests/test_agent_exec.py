@@ -1,5 +1,6 @@
 """The real agent (agent.py run alone, as in a guest image) driven by the real client over UNIX sockets."""
 
+import contextlib
 import hashlib
 import os
 import select
@@ -64,18 +65,27 @@ def start_agent(directory, identity, sockets=SOCKETS, preexec_fn=None):
     return process
 
 
+@contextlib.contextmanager
+def agent_in_tmpdir(identity, sockets=SOCKETS, preexec_fn=None):
+    """``start_agent`` in a directory of its own (0755), killed and removed afterwards; the directory."""
+    directory = tempfile.mkdtemp(prefix="blahvm-agent-test-")
+    os.chmod(directory, 0o755)
+    try:
+        process = start_agent(directory, identity, sockets, preexec_fn)
+        try:
+            yield directory
+        finally:
+            process.kill()
+            process.wait()
+    finally:
+        shutil.rmtree(directory)
+
+
 @pytest.fixture(scope="module")
 def run_dir():
     """A job's run directory with an agent serving agent.0.sock and agent.1.sock, bound to root."""
-    directory = tempfile.mkdtemp(prefix="blahvm-agent-test-")
-    os.chmod(directory, 0o755)
-    process = start_agent(directory, ROOT)
-    try:
+    with agent_in_tmpdir(ROOT) as directory:
         yield directory
-    finally:
-        process.kill()
-        process.wait()
-        shutil.rmtree(directory)
 
 
 @pytest.fixture
@@ -419,15 +429,8 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs
 @pytest.fixture(scope="module")
 def nobody_run_dir():
     """An agent bound to run the job of nobody (65534), as prepare binds a job's guest."""
-    directory = tempfile.mkdtemp(prefix="blahvm-agent-test-")
-    os.chmod(directory, 0o755)
-    process = start_agent(directory, NOBODY, sockets=1)
-    try:
+    with agent_in_tmpdir(NOBODY, sockets=1) as directory:
         yield directory
-    finally:
-        process.kill()
-        process.wait()
-        shutil.rmtree(directory)
 
 
 @pytest.fixture
@@ -488,30 +491,19 @@ def test_the_first_bind_wins(nobody_run_dir):
 
 
 @needs_root
-def test_root_only_where_the_bind_allows_it(tmp_path):
-    directory = str(tmp_path)
-    os.chmod(directory, 0o755)
-    process = start_agent(directory, control.Identity(65534, 65534, (65534,), root=True), sockets=1)
-    try:
+def test_root_only_where_the_bind_allows_it():
+    with agent_in_tmpdir(control.Identity(65534, 65534, (65534,), root=True), sockets=1) as directory:
         sock = agent_socket_path(directory, 0)
         assert run(sock, ["id", "-u"])[:2] == (0, b"65534\n")
         assert run(sock, ["id", "-u"], uid=0)[:2] == (0, b"0\n")
         with pytest.raises(AgentError, match="refusing"):
             run(sock, ["id"], uid=1000)
-    finally:
-        process.kill()
-        process.wait()
 
 
-def test_an_unbound_agent_runs_nothing(tmp_path):
-    directory = str(tmp_path)
-    process = start_agent(directory, None, sockets=1)
-    try:
+def test_an_unbound_agent_runs_nothing():
+    with agent_in_tmpdir(None, sockets=1) as directory:
         with pytest.raises(AgentError, match="not been told whose job"):
             run(agent_socket_path(directory, 0), ["true"])
-    finally:
-        process.kill()
-        process.wait()
 
 
 @needs_root
@@ -533,16 +525,11 @@ def _ignore_and_block():
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1, signal.SIGUSR2])
 
 
-def test_the_payload_starts_with_default_signals_whatever_the_agent_inherited(tmp_path):
-    directory = str(tmp_path)
-    process = start_agent(directory, ROOT, sockets=1, preexec_fn=_ignore_and_block)
-    try:
+def test_the_payload_starts_with_default_signals_whatever_the_agent_inherited():
+    with agent_in_tmpdir(ROOT, sockets=1, preexec_fn=_ignore_and_block) as directory:
         sock = agent_socket_path(directory, 0)
         code, out, _ = run(sock, ["grep", "-E", "^Sig(Ign|Blk):", "/proc/self/status"])
         assert code == 0 and out == b"SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
         # and so a shell can trap HUP (POSIX forbids trapping a signal ignored on entry)
         trap = "trap 'echo trapped; exit 3' HUP; kill -HUP $$; sleep 5"
         assert run(sock, ["sh", "-c", trap])[:2] == (3, b"trapped\n")
-    finally:
-        process.kill()
-        process.wait()

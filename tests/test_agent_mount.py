@@ -6,8 +6,6 @@ the agent runs on the host and every refusal is checked: the same path rules as 
 """
 
 import os
-import shutil
-import tempfile
 
 import pytest
 from hypothesis import given, settings
@@ -17,7 +15,7 @@ from blahvm.guest import agent, control
 from blahvm.guest.client import AgentError
 from blahvm.guest.protocol import agent_socket_path
 from blahvm.image import guest_init
-from tests.test_agent_exec import NOBODY, start_agent
+from tests.test_agent_exec import NOBODY, agent_in_tmpdir
 from tests.test_jobfiles import BAD_PATHS
 
 
@@ -46,15 +44,8 @@ def test_the_agent_and_the_host_agree_on_every_path(path):
 
 @pytest.fixture
 def unbound():
-    directory = tempfile.mkdtemp(prefix="blahvm-agent-mount-")
-    os.chmod(directory, 0o755)
-    process = start_agent(directory, None, sockets=1)
-    try:
+    with agent_in_tmpdir(None, sockets=1) as directory:
         yield directory
-    finally:
-        process.kill()
-        process.wait()
-        shutil.rmtree(directory)
 
 
 @pytest.mark.parametrize("tag, path, why", [
