@@ -69,7 +69,18 @@ def write_guest_site(directory: str, pool: str, demo) -> Tuple[str, str]:
 
 STANDIN_BJOBS = """\
 #!/bin/sh
-# stand-in for volclava's `bjobs -json -o "jobid proj_name" ID`: projects from {projects} ("ID PROJECT" lines)
+# stand-in for volclava's `bjobs -json -o "jobid proj_name" ID` and `bjobs -l ID`: projects from {projects}
+# ("ID PROJECT" lines); the combined resource requirement from {resreqs} ("ID REQUIREMENT" lines), else the
+# one a job the esub routed has
+if [ "$1" = -l ]; then
+    project=$(awk -v j="$2" '$1 == j {{print $2}}' {projects} 2>/dev/null)
+    [ -n "$project" ] || {{ echo "Job <$2> is not found" >&2; exit 255; }}
+    combined=$(awk -v j="$2" '$1 == j {{sub(/^[^ ]* /, ""); print}}' {resreqs} 2>/dev/null | tail -n 1)
+    [ -n "$combined" ] || combined='select[((blahvm_env_slc4>0) && (blahvm_slots>0)) && (type == local)] order[r15s:pg] rusage[blahvm_slots=1.00]'
+    printf '\\nJob <%s>, User <x>, Project <%s>, Status <RUN>, Queue <short>, Command <x>\\n' "$2" "$project"
+    printf '\\n RESOURCE REQUIREMENT DETAILS:\\n Combined: %s\\n Effective: -\\n' "$combined"
+    exit 0
+fi
 [ "$1 $2 $3" = "-json -o jobid proj_name" ] || {{ echo "stand-in bjobs: unexpected arguments $*" >&2; exit 2; }}
 project=$(awk -v j="$4" '$1 == j {{print $2}}' {projects} 2>/dev/null)
 if [ -z "$project" ]; then
@@ -86,7 +97,8 @@ def standin_bjobs(serverdir: str) -> str:
     path = os.path.join(directory, "bjobs")
     if not os.path.exists(path):
         with open(path, "w") as stream:
-            stream.write(STANDIN_BJOBS.format(projects=shlex.quote(os.path.join(directory, "projects"))))
+            stream.write(STANDIN_BJOBS.format(projects=shlex.quote(os.path.join(directory, "projects")),
+                                              resreqs=shlex.quote(os.path.join(directory, "resreqs"))))
         os.chmod(path, 0o755)
     return path
 
@@ -95,6 +107,12 @@ def set_project(serverdir: str, job_id: str, project: str) -> None:
     """What the stand-in bjobs says job ``job_id``'s project (``bsub -P``) is."""
     with open(os.path.join(os.path.dirname(os.path.abspath(serverdir)), "projects"), "a") as stream:
         stream.write(f"{job_id} {project}\n")
+
+
+def set_resreq(serverdir: str, job_id: str, combined: str) -> None:
+    """What the stand-in ``bjobs -l`` gives as job ``job_id``'s combined resource requirement."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(serverdir)), "resreqs"), "a") as stream:
+        stream.write(f"{job_id} {combined}\n")
 
 
 def install(serverdir: str, config: str, cache_dir: str, *options: str) -> subprocess.CompletedProcess:

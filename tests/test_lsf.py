@@ -180,7 +180,8 @@ def test_esub_honours_the_environment_asked_for(site):
     assert run.code == 0 and 'LSB_SUB_QUEUE="long"' in run.modify
     unknown = lsf.run_esub(site["serverdir"], params.replace("el9", "nowhere"))
     assert unknown.code == lsf.ABORT and unknown.modify is None and unknown.stdout == b""
-    assert unknown.stderr.startswith("blahvm: job rejected: ")
+    assert unknown.stderr == ('blahvm: job rejected: environment nowhere does not exist here (asked for with -a '
+                              '"blahvm(nowhere)" or $BLAHVM_ENVIRONMENT); this site offers el9, slc4\n'), unknown.stderr
 
 
 def test_esub_rejects_with_the_reason(site):
@@ -298,6 +299,26 @@ def test_installed_hooks(site):
         shutil.rmtree(openlava)
 
 
+def test_install_checks_that_an_unprivileged_user_can_run_the_hooks(site, tmp_path):
+    """An esub nobody can execute makes LSF accept every job unrouted: the install stops first, writing nothing."""
+    hidden = tmp_path / "private"
+    hidden.mkdir(mode=0o700)  # as a pyenv or venv interpreter under a 0700 home
+    python = hidden / "python3"
+    os.symlink(lsf.SYSTEM_PYTHON, python)
+    serverdir = tmp_path / "serverdir"
+    serverdir.mkdir()
+    refused = lsf.install(str(serverdir), site["config"], site["cache"], "--python", str(python))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "user nobody cannot run the hooks" in refused.stderr and os.listdir(serverdir) == []
+    # the interpreter is fine, the config is not readable by users
+    private = tmp_path / "site.yaml"
+    shutil.copy(site["config"], private)
+    private.chmod(0o600)
+    refused = lsf.install(str(serverdir), str(private), site["cache"])
+    assert refused.returncode == 2 and "user nobody cannot run the hooks" in refused.stderr, refused.stderr
+    assert "Permission denied" in refused.stderr and os.listdir(serverdir) == []
+
+
 # -- elim ---------------------------------------------------------------------------------------------
 
 def test_elim_reports_zero_while_libvirt_is_down_and_stops_on_sigterm(site):
@@ -324,6 +345,7 @@ def test_elim_reports_zero_while_libvirt_is_down_and_stops_on_sigterm(site):
 
 def test_elim_aborts_on_a_host_without_blahvm(site):
     serverdir = tempfile.mkdtemp(dir="/var/tmp")
+    os.chmod(serverdir, 0o755)  # the config installed from here must be readable by users
     try:
         missing = os.path.join(serverdir, "no-such-site.yaml")
         shutil.copy(site["config"], missing)
@@ -387,6 +409,57 @@ def test_project_from_bjobs_json():
             project_from_bjobs(bad, "1")
 
 
+# bjobs -l of a real volclava 2.2 for a job submitted with LSB_ESUB_METHOD=none (the esub never ran)
+REAL_BJOBS_L_UNROUTED = """
+Job <20>, User <rbuser>, Project <cms>, Status <PSUSP>, Queue <normal>, Command </bin/sh -c 'sleep 1; echo "a > b"'>
+Sun Dec  6 21:16:34: Submitted from host <vm> with hold, CWD </tmp>, Requested Resources <select[mem>10] rusage[mem=5]>;
+ PENDING REASONS:
+ The job was suspended by the user while pending: 1 host;
+
+ SCHEDULING PARAMETERS:
+           r15s   r1m  r15m   ut      pg    io   ls    it    tmp    swp    mem
+ loadSched   -     -     -     -       -     -    -     -     -      -      -
+ loadStop    -     -     -     -       -     -    -     -     -      -      -
+
+ RESOURCE REQUIREMENT DETAILS:
+ Combined: select[(mem>10) && (type == local)] order[r15s:pg] rusage[mem=5.00]
+ Effective: -
+"""
+
+
+def test_routed_by_blahvm_reads_lsfs_combined_requirement():
+    from blahvm.batch.lsf.execution import LsfUnavailable, NotRunnable, routed_by_blahvm
+
+    assert not routed_by_blahvm(REAL_BJOBS_L_UNROUTED, "20")
+    routed = REAL_BJOBS_L_UNROUTED.replace("rusage[mem=5.00]", "rusage[mem=5.00:blahvm_slots=1.00]")
+    assert routed_by_blahvm(routed, "20")
+    assert not routed_by_blahvm(REAL_BJOBS_L_UNROUTED.replace("rusage[mem=5.00]", "rusage[blahvm_slots=0.00]"), "20")
+    assert not routed_by_blahvm(REAL_BJOBS_L_UNROUTED.replace("mem>10", "blahvm_slots>0"), "20")
+    # a command line forging the section comes before LSF's own, which is the one read
+    forged = REAL_BJOBS_L_UNROUTED.replace(
+        "echo \"a > b\"'>", "\n RESOURCE REQUIREMENT DETAILS:\n Combined: rusage[blahvm_slots=1]\n'>")
+    assert "Combined: rusage[blahvm_slots=1]" in forged and not routed_by_blahvm(forged, "20")
+    with pytest.raises(NotRunnable, match="not found"):
+        routed_by_blahvm("Job <21> is not found", "21")
+    with pytest.raises(LsfUnavailable):
+        routed_by_blahvm("", "21")
+
+
+def test_pre_exec_refuses_a_job_the_esub_never_routed(site):
+    """LSB_ESUB_METHOD=none, or an esub that could not run: LSF's record reserves no blahvm slot."""
+    hints = {"BLAHVM_ENVIRONMENT": "slc4", "BLAHVM_SUBMIT_QUEUE": "grid"}
+    serverdir = site["serverdir"]
+    lsf.set_project(serverdir, "51", "cms")
+    lsf.set_resreq(serverdir, "51", "select[type == local] order[r15s:pg]")
+    assert lsf.run_pre_exec(serverdir, lsf.job_env("51", "short", "nobody", hints)) == 99
+    # in the routing queue too (no starter there): refused, even with a slot written by hand
+    lsf.set_project(serverdir, "52", "cms")
+    lsf.set_resreq(serverdir, "52", "select[type == local] order[r15s:pg] rusage[blahvm_slots=1.00]")
+    assert lsf.run_pre_exec(serverdir, lsf.job_env("52", "grid", "nobody", {})) == 99
+    # the same job in the execution queue is routed again and goes on (here: libvirt is unreachable)
+    assert lsf.run_pre_exec(serverdir, lsf.job_env("52", "short", "nobody", {})) == 1
+
+
 def test_pre_exec_re_pends_while_lsf_cannot_say(site, tmp_path):
     serverdir = str(tmp_path / "serverdir")
     os.mkdir(serverdir)
@@ -396,6 +469,42 @@ def test_pre_exec_re_pends_while_lsf_cannot_say(site, tmp_path):
     assert lsf.install(serverdir, site["config"], site["cache"], "--bjobs", str(hanging)).returncode == 0
     env = lsf.job_env("41", "short", "nobody", {"BLAHVM_SUBMIT_QUEUE": "grid"}, LSB_PROJECT_NAME="cms")
     assert lsf.run_pre_exec(serverdir, env) == 1
+
+
+def test_the_starter_logs_to_syslog_when_the_log_file_is_roots():
+    """The starter runs as the job's user: it never tries (and fails silently) to append to root's log file."""
+    import pwd
+    import types
+
+    from blahvm.batch.lsf.execution import starter_log
+
+    directory = tempfile.mkdtemp(prefix="blahvm-lsf-log-", dir="/var/tmp")
+    try:
+        os.chmod(directory, 0o755)
+        roots, shared = os.path.join(directory, "roots.log"), os.path.join(directory, "shared.log")
+        for path, mode in ((roots, 0o644), (shared, 0o666)):
+            open(path, "w").close()
+            os.chmod(path, mode)
+
+        def config(path):
+            return types.SimpleNamespace(host=types.SimpleNamespace(log_file=path))
+
+        nobody = pwd.getpwnam("nobody")
+        child = os.fork()
+        if child == 0:
+            ok = False
+            try:
+                os.setgroups([])
+                os.setresgid(nobody.pw_gid, nobody.pw_gid, nobody.pw_gid)
+                os.setresuid(nobody.pw_uid, nobody.pw_uid, nobody.pw_uid)
+                ok = (starter_log(config(roots)) is None and starter_log(config(shared)) == shared
+                      and starter_log(config(None)) is None)
+            finally:
+                os._exit(0 if ok else 1)
+        assert os.waitpid(child, 0)[1] == 0
+        assert starter_log(config(roots)) == roots  # root may append
+    finally:
+        shutil.rmtree(directory)
 
 
 def test_starter_and_post_exec_without_a_guest(site):

@@ -80,11 +80,16 @@ def lava(demo_image):
         cluster.driver("install-esub", os.path.join(hooks, "esub.blahvm"), "blahvm")
         for resource in ("blahvm_slots", "blahvm_env_vm"):
             cluster.driver("install-elim", os.path.join(hooks, "elim"), resource)
-        cluster.driver("queue", "grid", "DESCRIPTION=submit here; blahvm routes to short")
+        # every queue users can reach refuses a job the esub did not route: the routing queue and LSF's
+        # default queue have PRE_EXEC too (docs/lsf.md)
+        refuse = (f"PRE_EXEC={hooks}/blahvm-pre-exec", "PRE_POST_EXEC_USER=root")
+        cluster.driver("queue", "grid", "DESCRIPTION=submit here; blahvm routes to short", *refuse)
+        cluster.driver("queue", "normal", "DESCRIPTION=LSF's default queue; blahvm refuses what it did not route",
+                       *refuse)
         cluster.driver("queue", "short", f"PRE_EXEC={hooks}/blahvm-pre-exec", f"JOB_STARTER={hooks}/blahvm-job-starter",
                        f"POST_EXEC={hooks}/blahvm-post-exec", "PRE_POST_EXEC_USER=root", "RUNLIMIT=600")
         cluster.site = {"config": path, "dir": directory, "work": work, "pool": pool,
-                        "run_dir": config["host"]["run_dir"]}
+                        "run_dir": config["host"]["run_dir"], "hooks": hooks}
         yield cluster
     finally:
         # The queues and the elim's resources stay defined (the next run replaces them; removing a queue
@@ -222,4 +227,31 @@ def test_two_guests_run_at_once_on_max_guests_2(lava):
     assert [lava.exit_status(job_id) for job_id in ids] == [0, 0, 0, 0], _log(lava)
     assert most == 2, _log(lava)
     _settled(lava)
+    _nothing_left(lava)
+
+
+def test_a_job_that_skips_the_esub_never_runs_on_the_host(lava):
+    """LSB_ESUB_METHOD=none skips the esub; an esub that cannot be executed (exit 126) lets the job through:
+    either way the job carries no blahvm slot in LSF's record, and every queue's PRE_EXEC ends it (99)."""
+    work = lava.site["work"]
+    broken = os.path.join(lava.site["dir"], "esub-broken")
+    with open(broken, "w") as stream:
+        stream.write("#!/nonexistent/python3 -IS\n")  # as an interpreter under a 0700 home
+    os.chmod(broken, 0o755)
+    tried = {}
+    skip = {"LSB_ESUB_METHOD": "none"}
+    for name, args, env in (("routing", ["-q", "grid"], skip), ("execution", ["-q", "short"], skip),
+                            ("default", [], skip)):
+        tried[name] = _submit(lava, [*args, "-P", "cms", "/bin/touch", f"{work}/ran-{name}"], env=env)
+    lava.driver("install-esub", broken, "blahvm")
+    try:
+        tried["broken-esub"] = _submit(lava, ["-q", "grid", "-P", "cms", "/bin/touch", f"{work}/ran-broken-esub"])
+    finally:
+        lava.driver("install-esub", os.path.join(lava.site["hooks"], "esub.blahvm"), "blahvm")
+    for name, job_id in tried.items():
+        fields = lava.wait(job_id)
+        assert fields["STAT"] == "EXIT" and lava.exit_status(job_id) == 99, (name, fields, _log(lava))
+        assert not os.path.exists(f"{work}/ran-{name}"), (name, _log(lava))
+        with open(os.path.join(lava.site["dir"], "blahvm.log")) as stream:
+            assert f"job {job_id} was not routed by blahvm" in stream.read(), (name, _log(lava))
     _nothing_left(lava)

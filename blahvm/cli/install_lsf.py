@@ -40,6 +40,9 @@ def add_parser(systems) -> None:
     parser.add_argument("--python", metavar="PATH", default=sys.executable,
                         help="the interpreter the hooks run on; every LSF user must be able to execute it "
                              f"(default {sys.executable})")
+    parser.add_argument("--check-user", metavar="USER", default="nobody",
+                        help="an unprivileged user the install runs the hooks' interpreter as, to check that "
+                             "every user can run it, import blahvm and read the config (default nobody)")
     parser.set_defaults(run=run)
 
 
@@ -104,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         return report_config_error(error)
 
+    problem = user_problem(args.python, config, cache_dir, args.check_user)
+    if problem:  # checked before anything is written: a broken esub lets every job through unrouted
+        return fail(problem)
+
     def script(module: str, function: str, extra=None) -> str:
         return hook_script("lsf", module, function, config, extra, python=args.python)
 
@@ -123,3 +130,42 @@ def run(args: argparse.Namespace) -> int:
         print(os.path.join(args.serverdir, name))
     print(f"blahvm: LSF hooks installed with config {config}; see docs/lsf.md for the LSF side", file=sys.stderr)
     return 0
+
+
+# What the esub and the job starter need, run as a user who is neither root nor LSF's admin: an esub
+# that cannot run (exit 126) makes LSF accept the job unrouted, a starter that cannot run fails every job.
+CHECK = """\
+import sys
+sys.path[:0] = {paths!r}
+from blahvm.routing.fast import load_table
+load_table({config!r}, {cache_dir!r})
+import blahvm.batch.lsf.esub, blahvm.batch.lsf.execution, blahvm.lifecycle
+from blahvm.config import load_config
+load_config({config!r})
+print("ok")
+"""
+
+
+def user_problem(python: str, config: str, cache_dir: str, user: str):
+    """Why ``user`` cannot run the hooks (their interpreter, blahvm's modules, the config), or None."""
+    import shutil
+    import subprocess
+
+    from blahvm.batch.install import import_paths
+
+    if os.geteuid() != 0:
+        return None  # only root can become another user; whoever installs as themselves runs as themselves
+    runuser = shutil.which("runuser", path="/usr/sbin:/sbin:/usr/bin:/bin") or "runuser"
+    code = CHECK.format(paths=import_paths(), config=config, cache_dir=cache_dir)
+    try:
+        done = subprocess.run([runuser, "-u", user, "--", python, "-IS", "-c", code], capture_output=True, text=True,
+                              timeout=120, stdin=subprocess.DEVNULL, cwd="/",
+                              env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"install lsf: cannot run {python} as {user}: {error}"
+    if done.returncode == 0 and done.stdout.strip() == "ok":
+        return None
+    said = " ".join((done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1].split())[:300]
+    return (f"install lsf: user {user} cannot run the hooks ({python}: {said}): the interpreter (--python), blahvm "
+            "and the site config must be readable by every user, or LSF accepts jobs unrouted when the esub "
+            "cannot run")

@@ -121,6 +121,12 @@ def decide(config: str, cache_dir: "Optional[str]", values: dict, environ) -> "T
 
     facts = facts_of(values, environ)
     table = load_table(config, cache_dir)
+    wanted = facts[-1]
+    if wanted is not None:
+        offered = sorted({route.action[2] for route in table.routes if route.action[0] == "route"})
+        if wanted not in offered:
+            raise Rejected(f"environment {wanted} does not exist here (asked for with -a \"{APPLICATION}({wanted})\" "
+                           f"or ${ENVIRONMENT_VARIABLE}); this site offers {', '.join(offered) or 'none'}")
     return facts, table.decide(facts)
 
 

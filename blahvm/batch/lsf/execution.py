@@ -132,21 +132,68 @@ def project_from_bjobs(text: str, job_id: str) -> Optional[str]:
 
 def project_from_lsf(job_id: str, bjobs: str, lsf_envdir: Optional[str], timeout: float = BJOBS_TIMEOUT) -> Optional[str]:
     """Ask LSF for the job's project (``-P``), bounded by ``timeout``; never the job's environment."""
+    return project_from_bjobs(_bjobs(job_id, ["-json", "-o", "jobid proj_name"], bjobs, lsf_envdir, timeout), job_id)
+
+
+# The mark of a job that went through the esub: LSF's own merged resource requirement reserves a
+# blahvm slot. LSF keeps it (the esub cannot be skipped into it unnoticed: a job submitted with
+# LSB_ESUB_METHOD=none, or when the esub could not run, has none), and a user who writes it by hand
+# gets what the esub gives: the slot is reserved and PRE_EXEC routes the job again.
+SLOT_RESOURCE = "blahvm_slots"
+# the section bjobs -l prints last: anything a user wrote (a command line with newlines) comes before it
+_COMBINED = re.compile(r"^ ?RESOURCE REQUIREMENT DETAILS:\n ?Combined: ([^\n]*)$", re.M)
+_RUSAGE = re.compile(r"rusage\[([^\]]*)\]")
+
+
+def routed_by_blahvm(bjobs_long: str, job_id: str) -> bool:
+    """Whether ``bjobs -l ID``'s "Combined:" resource requirement (mbatchd's own, job and queue merged)
+    reserves at least one blahvm slot; ``LsfUnavailable`` when there is no such line."""
+    matches = _COMBINED.findall(bjobs_long)
+    if not matches:
+        if re.search(r"Job <[^>]*> is not found", bjobs_long):
+            raise NotRunnable(f"job {job_id}: LSF says: Job <{job_id}> is not found")
+        raise LsfUnavailable(f"job {job_id}: bjobs -l gave no combined resource requirement")
+    for rusage in _RUSAGE.findall(matches[-1]):
+        for term in rusage.split(":"):
+            name, _, value = term.partition("=")
+            if name.strip() == SLOT_RESOURCE:
+                try:
+                    if float(value.split(",")[0].strip()) >= 1:
+                        return True
+                except ValueError:
+                    pass
+    return False
+
+
+def _bjobs(job_id: str, argv: Sequence[str], bjobs: str, lsf_envdir: Optional[str], timeout: float) -> str:
     env = {"PATH": "/bin:/usr/bin"}
     if lsf_envdir:
         env["LSF_ENVDIR"] = lsf_envdir
     try:
-        done = subprocess.run([bjobs, "-json", "-o", "jobid proj_name", job_id], stdin=subprocess.DEVNULL,
-                              capture_output=True, timeout=timeout, env=env, cwd="/")
+        done = subprocess.run([bjobs, *argv, job_id], stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=timeout, env=env, cwd="/")
     except subprocess.TimeoutExpired:
         raise LsfUnavailable(f"job {job_id}: {bjobs} did not answer within {timeout:g}s") from None
     except OSError as error:
         raise LsfUnavailable(f"job {job_id}: cannot run {bjobs}: {error.strerror}") from None
     text = done.stdout.decode("utf-8", "replace")
-    if done.returncode != 0 and '"ERROR"' not in text:
+    if done.returncode != 0:
         said = " ".join(done.stderr.decode("utf-8", "replace").split())[:200]
+        if '"ERROR"' in text:  # bjobs -json: the record says why
+            return text
+        if "is not found" in said:  # bjobs -l: "Job <ID> is not found" on stderr
+            return said
         raise LsfUnavailable(f"job {job_id}: {bjobs} failed with exit {done.returncode}: {said}")
-    return project_from_bjobs(text, job_id)
+    return text
+
+
+def check_routed(job_id: str, bjobs: str, lsf_envdir: Optional[str], timeout: float = BJOBS_TIMEOUT) -> None:
+    """NotRunnable unless LSF's record of the job carries the esub's mark (``routed_by_blahvm``)."""
+    if not routed_by_blahvm(_bjobs(job_id, ["-l"], bjobs, lsf_envdir, timeout), job_id):
+        raise NotRunnable(
+            f"job {job_id} was not routed by blahvm: LSF's resource requirement for it reserves no "
+            f"{SLOT_RESOURCE} (it was submitted around the esub, e.g. with LSB_ESUB_METHOD=none); a job runs "
+            "only as blahvm routes it: submit it again with the esub")
 
 
 def lsf_job(config, environ: Mapping[str, str], project: Optional[str] = None):
@@ -222,7 +269,9 @@ def _pre_exec(config_path: str, environ: Mapping[str, str], bjobs: str = "bjobs"
         return PRE_EXEC_RETRY
     log_file = config.host.log_file
     try:
-        project = project_from_lsf(job_id_of(environ), bjobs, lsf_envdir)
+        job_id = job_id_of(environ)
+        project = project_from_lsf(job_id, bjobs, lsf_envdir)
+        check_routed(job_id, bjobs, lsf_envdir)
         job = lsf_job(config, environ, project)
     except LsfUnavailable as error:
         log_event("pre-exec", f"{error}: re-pending", job_id=environ.get("LSB_JOBID"), log_file=log_file)
@@ -311,6 +360,8 @@ def _job_starter(config_path: str, argv: Sequence[str], environ: Mapping[str, st
         command, script = payload(argv)
     except NotRunnable as error:
         _say(f"{error}: the job did not run")
+        log_event("job-starter", f"{error}: the job did not run", job_id=environ.get("LSB_JOBID"),
+                  log_file=starter_log(config))
         return STARTER_FAILED
     env = {}
     for key, value in environ.items():
@@ -332,9 +383,15 @@ def _job_starter(config_path: str, argv: Sequence[str], environ: Mapping[str, st
     finally:
         if stdin_fd is not None:
             os.close(stdin_fd)
-    log_event("job-starter", f"payload exited {code}", job_id=job.job_id, user=job.user, vo=job.decision.vo,
-              log_file=config.host.log_file)
+    log_event("job-starter", f"payload exited {code}", job_id=job.job_id, user=job.user, log_file=starter_log(config))
     return code
+
+
+def starter_log(config) -> Optional[str]:
+    """Where the starter logs: ``host.log_file`` only when this process may append to it; the starter
+    runs as the job's user and that file is root's, so in practice syslog (None)."""
+    path = config.host.log_file
+    return path if path and os.access(path, os.W_OK) else None
 
 
 # -- POST_EXEC -----------------------------------------------------------------------------------
