@@ -176,3 +176,17 @@ def list_blahvm_guests(conn: Connection) -> Tuple[GuestInfo, ...]:
         return tuple(sorted(guests, key=lambda guest: guest.name))
 
     return conn.call("list guests", listing)
+
+
+def guest_metadata(conn: Connection, name: str) -> Optional[GuestMetadata]:
+    """The blahvm metadata of the domain ``name``; None when there is no such domain or it carries none.
+    ``MetadataError`` when it carries blahvm metadata that cannot be read."""
+    check_safe_name(name)
+    domain = _lookup(conn, name)
+    if domain is None:
+        return None
+    try:
+        xml = conn.call(f"describe {name}", domain.XMLDesc, 0)
+    except NotFound:
+        return None
+    return read_metadata(xml)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
+from typing import Optional
 
-from blahvm.hypervisor.errors import HypervisorError, SpecError
+from blahvm.hypervisor import guests
+from blahvm.hypervisor.errors import HypervisorError, MetadataError, SpecError
 from blahvm.ledger import Ledger, LedgerError, State
 from blahvm.lifecycle._common import connect, dismantle, job_names
 from blahvm.lifecycle.accounting import collect
@@ -38,6 +41,10 @@ def teardown(config: SiteConfig, job_id: str) -> TeardownResult:
                 ledger.close(job_id, Outcome.OK, expected_version=entry.version)
                 ledger.record_timing(job_id, "teardown", time.monotonic() - started)
             else:
+                whose = _not_ours(config, conn, names.guest)
+                if whose:  # another installation's guest of the same name (reap's rule): never this teardown's
+                    dismantle(config, conn, None, (), names.run_dir)
+                    return TeardownResult(Outcome.OK, f"job {job_id}: guest {names.guest} {whose}: left alone", job_id)
                 volumes = (names.disk, names.scratch)
                 done = dismantle(config, conn, names.guest, volumes, names.run_dir)
     except SpecError as error:
@@ -56,3 +63,22 @@ def teardown(config: SiteConfig, job_id: str) -> TeardownResult:
         volumes_removed=done.volumes_removed,
         seconds=seconds,
     )
+
+
+def _not_ours(config: SiteConfig, conn, name: str) -> Optional[str]:
+    """Why the domain ``name`` is not this installation's to remove (None: it is, or it does not exist).
+    As reap: its blahvm metadata must name this host and this state dir (or no ledger: made before
+    guests named theirs)."""
+    if guests.domain_state(conn, name) is None:
+        return None
+    try:
+        meta = guests.guest_metadata(conn, name)
+    except MetadataError:
+        return "has damaged blahvm metadata"
+    if meta is None:
+        return "carries no blahvm metadata"
+    if meta.host != socket.gethostname():
+        return f"was made on host {meta.host}"
+    if meta.ledger not in (None, config.host.state_dir):
+        return f"belongs to the installation whose state dir is {meta.ledger}"
+    return None
