@@ -41,7 +41,7 @@ def add_parser(systems) -> None:
 def _hook_source() -> str:
     import blahvm
 
-    here = os.path.dirname(os.path.dirname(os.path.abspath(blahvm.__file__)))
+    here = os.path.dirname(os.path.abspath(blahvm.__file__))  # blahvm/plugins: the checkout's, or the wheel's copy
     with open(os.path.join(here, "plugins", "pbs", "blahvm_hook.py")) as stream:
         return stream.read()
 

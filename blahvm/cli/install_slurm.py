@@ -12,8 +12,8 @@ HOOKS = (  # file, function in blahvm.batch.slurm
     ("route", "route_main"),
     ("health", "health_main"),
 )
-PLUGIN_SOURCES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                              "plugins", "slurm")
+# blahvm/plugins: the checkout's plugins/ (a link), or the copy an installed wheel carries
+PLUGIN_SOURCES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plugins", "slurm")
 TEMPLATE = os.path.join(PLUGIN_SOURCES, "job_submit.lua.in")
 SPANK_SOURCE = os.path.join(PLUGIN_SOURCES, "blahvm_spank.c")
 
