@@ -174,6 +174,21 @@ def test_qstat_json_fills_queue_account_and_resources():
         pbs.facts_from_qstat_json("qstat: Unknown Job Id", job)
 
 
+def test_qstat_json_with_the_bare_backslashes_openpbs_writes_still_reads():
+    """OpenPBS 23.06's qstat -F json passes a job's backslash through unescaped (observed: a `sed` with
+    \\( in Submit_arguments made the whole document invalid)."""
+    text = ('{"Jobs":{"8.vm":{"queue":"short","Job_Name":"a\\qb",'
+            '"Submit_arguments":"-- /bin/sed -n \'s/^M: *\\([0-9]*\\) kB/\\1/p\' \\u00e9 \\uzz \\"q\\""}}}')
+    with pytest.raises(ValueError):
+        json.loads(text)
+    assert json.loads(pbs.qstat_json_text(text))["Jobs"]["8.vm"]["Submit_arguments"] == \
+        "-- /bin/sed -n 's/^M: *\\([0-9]*\\) kB/\\1/p' \u00e9 \\uzz \"q\""
+    job = pbs.facts_from_qstat_json(text, pbs.PbsJob("8.vm", "nobody", "nogroup", complete=False))
+    assert (job.queue, job.name) == ("short", "a\\qb")
+    valid = json.dumps({"Jobs": {"9.vm": {"Job_Name": "x\\(y"}}})
+    assert pbs.qstat_json_text(valid) == valid
+
+
 # -- the job starter's argv -------------------------------------------------------------------------
 
 
@@ -370,8 +385,25 @@ def test_a_hook_without_its_config_file_rejects_with_one_line(installed, tmp_pat
     home, _ = installed
     done = pbs_harness.run_hook(str(home / "blahvm" / "blahvm_hook.py"), {
         "type": "execjob_begin", "hook_config": str(tmp_path / "missing.json"), "job": {"id": "5.vm"}})
-    assert done["verdict"] == "reject" and done["rerun"]
+    assert done["verdict"] == "reject" and not done["rerun"]  # a bare reject requeues at execjob_begin
     assert done["message"].startswith("blahvm hook: cannot start: [Errno 2]") and "\n" not in done["message"]
+    launch = pbs_harness.run_hook(str(home / "blahvm" / "blahvm_hook.py"), {
+        "type": "execjob_launch", "hook_config": str(tmp_path / "missing.json"), "job": {"id": "5.vm"}})
+    assert launch["verdict"] == "reject" and launch["rerun"]  # a bare reject at launch would delete the job
+
+
+def test_execjob_begin_requeues_with_a_bare_reject_never_rerun(installed, tmp_path):
+    """job.rerun() at execjob_begin leaves Exit_status -18 on OpenPBS 23.06's server for good: every later
+    run of the job is requeued again. A bare reject requeues the job once."""
+    home, _ = installed
+    hook_settings = json.loads((home / "blahvm" / "blahvm_hook.json").read_text())
+    hook_settings["config"] = str(tmp_path / "no-such-site.yaml")  # our failure: RETRY_ELSEWHERE
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(hook_settings))
+    done = pbs_harness.run_hook(str(home / "blahvm" / "blahvm_hook.py"), {
+        "type": "execjob_begin", "hook_config": str(broken), "queues": ["short"],
+        "job": {"id": "6.vm", "queue": "short", "euser": "nobody", "Resource_List": {"ncpus": 1}}})
+    assert done["verdict"] == "reject" and not done["rerun"] and not done["delete"], done
 
 
 def test_the_script_path_openpbs_writes_on_stdin_becomes_the_script(tmp_path):

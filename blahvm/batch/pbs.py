@@ -234,10 +234,26 @@ def default_qstat() -> str:
     return "/usr/bin/qstat"
 
 
+_ESCAPE = re.compile(r'\\(u[0-9a-fA-F]{4}|["\\/bfnrt]|.)', re.DOTALL)
+
+
+def qstat_json_text(text: str) -> str:
+    """``qstat -F json`` output made JSON: OpenPBS 23.06 leaves a backslash in a job's attributes (a
+    ``sed 's/\\(x\\)/'`` in its arguments) as it is (``strdup_escape`` in ``src/lib/Libcmds/pbs_json.c``
+    passes ``\\`` and the character after it through), an invalid escape that fails the whole document.
+    Each such backslash is escaped; valid escapes stay."""
+    try:
+        json.loads(text)
+        return text
+    except ValueError:
+        return _ESCAPE.sub(lambda m: m.group(0) if len(m.group(1)) > 1 or m.group(1) in '"\\/bfnrt'
+                           else "\\\\" + m.group(1), text)
+
+
 def facts_from_qstat_json(text: str, job: PbsJob) -> PbsJob:
     """Queue, account, name and resources from ``qstat -f -F json ID``; user and group stay the mom's."""
     try:
-        jobs = json.loads(text)["Jobs"]
+        jobs = json.loads(qstat_json_text(text))["Jobs"]
         record = jobs.get(job.job_id)
         if record is None and len(jobs) == 1:  # qstat may spell the id with the server's full name
             record = next(iter(jobs.values()))
@@ -622,10 +638,21 @@ def openpbs_hook(pbs, settings: Mapping) -> None:
     event.accept()
 
 
+def requeue_by_rerun(pbs, kind) -> bool:
+    """Whether a requeue at this event needs ``job.rerun()``: only at execjob_launch (a bare reject there
+    deletes the job). At execjob_begin and execjob_prologue a bare reject requeues by itself, and
+    ``job.rerun()`` must not be called: it has the server set the job's ``Exit_status`` to
+    JOB_EXEC_HOOK_RERUN (-18), which OpenPBS 23.06 never clears again (``svr_startjob`` in
+    ``src/server/req_runjob.c`` clears it only inside an ``if`` that never runs: braces missing), and
+    ``job_obit`` (``req_jobobit.c``) puts that -18 in place of the exit status of every later run: the job
+    runs, ends, is requeued and runs again, forever."""
+    return kind == pbs.EXECJOB_LAUNCH
+
+
 def _refuse(pbs, event, kind, message: str, log_file) -> None:
     """A failure of ours: a queuejob says why; an execution event requeues (the host may be at fault)."""
     log_event("pbs-hook", message, log_file=log_file)
-    if kind in (pbs.EXECJOB_BEGIN, pbs.EXECJOB_PROLOGUE, pbs.EXECJOB_LAUNCH):
+    if requeue_by_rerun(pbs, kind):
         event.job.rerun()
     if kind in (pbs.QUEUEJOB, pbs.EXECJOB_BEGIN, pbs.EXECJOB_PROLOGUE, pbs.EXECJOB_LAUNCH):
         event.reject(" ".join(message.split()))
@@ -704,8 +731,7 @@ def _begin(pbs, event, site, settings, log_file) -> None:
         answer = PrepareAnswer(Outcome.RETRY_ELSEWHERE, f"job {facts.job_id}: not ready within {budget:g}s")
     log_event("execjob_begin", f"{answer.outcome.value}: {answer.message}", job_id=facts.job_id, user=facts.user,
               vo=answer.vo, guest=answer.guest, log_file=log_file or site.host.log_file)
-    if answer.outcome is Outcome.RETRY_ELSEWHERE:
-        job.rerun()
+    if answer.outcome is Outcome.RETRY_ELSEWHERE:  # a bare reject requeues: never job.rerun() here
         event.reject(" ".join(answer.message.split()))
     elif answer.outcome is Outcome.FAIL_JOB:
         job.delete()

@@ -25,7 +25,7 @@ def _blahvm_main():
     except Exception as error:  # no traceback for the user: one line, and a requeue where that applies
         event = pbs.event()
         pbs.logmsg(pbs.LOG_ERROR, "blahvm hook: cannot start: %s" % (error,))
-        if event.type in (pbs.EXECJOB_BEGIN, pbs.EXECJOB_PROLOGUE, pbs.EXECJOB_LAUNCH):
+        if event.type == pbs.EXECJOB_LAUNCH:  # execjob_begin/prologue requeue on a bare reject (docs/pbs.md)
             event.job.rerun()
         event.reject("blahvm hook: cannot start: %s" % (error,))
         return

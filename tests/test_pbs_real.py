@@ -1,0 +1,241 @@
+"""The PBS plugin on a real OpenPBS 23.06 (tests/openpbs_cluster.py) and real guests, set up as docs/pbs.md
+says for OpenPBS: ``blahvm install pbs --openpbs`` and the qmgr commands it prints, run as printed (one
+hook, no classic prologue or epilogue), a routing queue ``grid`` and an execution queue ``short``. Jobs
+are submitted with qsub as a normal user whose home (OpenPBS's job directory) is not theirs: nothing is
+shared with the guest (the daemons' mount namespace is not libvirt's, see tests/openpbs_cluster.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import yaml
+
+from tests.openpbs_cluster import HOME, PREFIX, OpenPBS, available, job_user
+
+pytestmark = pytest.mark.guest
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # OpenPBS hooks run on it; the job starter runs as every job's user
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+OTHER_MEMORY_MIB = 384  # environment "other": the demo image with more memory than "vm" (256 MiB)
+
+
+def _virsh(*args):
+    return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def openpbs(demo_image):
+    why = available()
+    if why:
+        pytest.skip(why)
+    from blahvm.hypervisor.kvm import resolve_domain_type
+
+    user = job_user()
+    directory = tempfile.mkdtemp(prefix="blahvm-test-openpbs-", dir="/var/tmp")
+    os.chmod(directory, 0o755)
+    pool = f"blahvm-test-openpbs-{os.getpid()}"
+    vm = yaml.safe_load(demo_image.environment_yaml("vm"))["vm"]
+    config = {
+        "hypervisor": {"uri": "qemu:///system", "pool": pool, "pool_path": f"{directory}/clones",
+                       "domain_type": resolve_domain_type("auto")},
+        "host": {"max_guests": 2, "memory": "4GiB", "vcpus": 2, "state_dir": f"{directory}/state",
+                 "run_dir": f"/run/blahvm-openpbs-{os.getpid()}", "log_file": f"{directory}/blahvm.log"},
+        "defaults": {"walltime": "1h", "cores": 1},
+        "vo_mapping": [{"user": f"^(?P<vo>{user.pw_name})$"}],
+        "environments": {"vm": vm, "other": dict(vm, memory=f"{OTHER_MEMORY_MIB}MiB")},
+        "queues": {"grid": {}, "short": {"max_walltime": "10h"}},
+        "routes": [
+            {"name": "other-env", "when": {"queue": "grid", "vo": user.pw_name, "environment": "other"},
+             "queue": "short", "environment": "other"},
+            {"name": "vm-short", "when": {"queue": "grid", "vo": user.pw_name, "walltime": "<= 10h"},
+             "queue": "short", "environment": "vm"},
+            {"name": "nobody-else", "reject": "no execution environment is offered to this VO"},
+        ],
+    }
+    os.makedirs(f"{directory}/state", mode=0o755)
+    path = os.path.join(directory, "site.yaml")
+    with open(path, "w") as stream:
+        yaml.safe_dump(config, stream)
+    os.chmod(path, 0o644)
+    work = os.path.join(directory, "work")  # the job's output files: the user's
+    os.mkdir(work)
+    os.chown(work, user.pw_uid, user.pw_gid)
+    cluster = OpenPBS()
+    try:
+        cluster.up()
+        leftover = cluster.run([f"{PREFIX}/bin/qselect"]).stdout.split()  # jobs an interrupted run left
+        if leftover:
+            cluster.run([f"{PREFIX}/bin/qdel", "-W", "force", *leftover])
+        cluster.driver("install-classic", "--remove")
+        if cluster.qmgr("list hook blahvm", check=False).returncode == 0:
+            cluster.driver("remove-hook", "blahvm")
+        installed = subprocess.run(
+            [sys.executable, "-m", "blahvm.cli.main", "install", "pbs", "--openpbs", "--home", HOME, "--config", path,
+             "--python", SYSTEM_PYTHON], capture_output=True, text=True, timeout=120)
+        assert installed.returncode == 0, installed.stderr
+        assert not os.path.exists(f"{HOME}/mom_priv/prologue") and "$job_starter" not in installed.stdout
+        for line in installed.stdout.splitlines():  # the printed qmgr commands, as an admin runs them
+            if line.startswith('qmgr -c "'):
+                command = line[len('qmgr -c "'):-1]
+                done = cluster.qmgr(command, check=False)
+                assert done.returncode == 0 or "Duplicate" in done.stderr + done.stdout, (command, done)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(f"{HOME}/mom_priv/hooks/blahvm.PY"):
+            assert time.monotonic() < deadline, "the mom never got the hook"
+            time.sleep(0.5)
+        for queue in ("grid", "short"):
+            if cluster.qmgr(f"list queue {queue}", check=False).returncode != 0:
+                cluster.qmgr(f"create queue {queue} queue_type=execution")
+            cluster.qmgr(f"set queue {queue} enabled = true")
+            cluster.qmgr(f"set queue {queue} started = true")
+        cluster.site = {"config": path, "dir": directory, "work": work, "pool": pool, "user": user,
+                        "run_dir": config["host"]["run_dir"]}
+        yield cluster
+    finally:
+        if cluster.qmgr("list hook blahvm", check=False).returncode == 0:
+            cluster.driver("remove-hook", "blahvm", check=False)
+        cluster.driver("down", check=False)
+        for name in _virsh("list", "--all", "--name").stdout.split():
+            if name.startswith("blahvm-") and pool in _virsh("dumpxml", name).stdout:
+                _virsh("destroy", name)
+                _virsh("undefine", name)
+        _virsh("pool-destroy", pool)
+        _virsh("pool-undefine", pool)
+        shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(config["host"]["run_dir"], ignore_errors=True)
+
+
+def _log(pbs) -> str:
+    try:
+        with open(os.path.join(pbs.site["dir"], "blahvm.log")) as stream:
+            text = stream.read()[-3000:]
+    except OSError:
+        text = "(no blahvm log)"
+    return text + "\n--- mom log ---\n" + pbs.mom_log()[-3000:]
+
+
+def _live(pbs):
+    from blahvm.config import load_config
+    from blahvm.ledger import Ledger
+
+    with Ledger(load_config(pbs.site["config"]).host) as ledger:
+        return [entry.job_id for entry in ledger.live()]
+
+
+def _nothing_left(pbs):
+    site = pbs.site
+    volumes = _virsh("vol-list", site["pool"]).stdout
+    assert ".qcow2" not in volumes, volumes
+    assert not os.path.isdir(site["run_dir"]) or os.listdir(site["run_dir"]) == []
+    assert _live(pbs) == [], _log(pbs)
+    domains = [name for name in _virsh("list", "--all", "--name").stdout.split()
+               if name.startswith("blahvm-") and site["pool"] in _virsh("dumpxml", name).stdout]
+    assert domains == []
+
+
+def _submit(pbs, name, args, input=None):
+    """qsub -q grid -N NAME, output into the user's directory as NAME.out and NAME.err."""
+    work = pbs.site["work"]
+    submitted = pbs.qsub(["-q", "grid", "-N", name, "-o", f"{work}/{name}.out", "-e", f"{work}/{name}.err", *args],
+                         cwd=work, input=input)
+    assert submitted.returncode == 0, (submitted.stdout, submitted.stderr)
+    return submitted.stdout.strip()
+
+
+def _read(path: str) -> str:
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    with open(path, errors="replace") as stream:
+        return stream.read()
+
+
+def _host_boot_id() -> str:
+    with open(BOOT_ID) as stream:
+        return stream.read().strip()
+
+
+def _finished(pbs, job_id, timeout=300):
+    """The job's attributes once it is finished and purged; it ran exactly once (never requeued)."""
+    fields = pbs.wait(job_id, timeout=timeout)
+    assert fields.get("run_count") in (None, 1), (fields, _log(pbs))
+    return fields
+
+
+def test_command_job_runs_in_a_guest_with_its_output_and_exit_code(openpbs):
+    job_id = _submit(openpbs, "cmd", ["--", "/bin/sh", "-c", f"cat {BOOT_ID}; id -u; echo to-stderr >&2; exit 3"])
+    fields = _finished(openpbs, job_id)
+    assert fields["queue"] == "short" and fields["Exit_status"] == 3, (fields, _log(openpbs))
+    boot_id, uid = _read(f"{openpbs.site['work']}/cmd.out").split()
+    assert boot_id != _host_boot_id() and uid == str(openpbs.site["user"].pw_uid)
+    assert _read(f"{openpbs.site['work']}/cmd.err") == "to-stderr\n"
+    _nothing_left(openpbs)
+
+
+def test_script_job_runs_in_a_guest(openpbs):
+    """The mom writes the script's path on the shell's stdin; the starter feeds the guest the script."""
+    script = f"#!/bin/sh\necho script in $(cat {BOOT_ID})\necho to-stderr >&2\nexit 5\n"
+    job_id = _submit(openpbs, "script", [], input=script)
+    fields = _finished(openpbs, job_id)
+    assert fields["queue"] == "short" and fields["Exit_status"] == 5, (fields, _log(openpbs))
+    said, boot_id = _read(f"{openpbs.site['work']}/script.out").rsplit(" ", 1)
+    assert said == "script in" and boot_id.strip() != _host_boot_id()
+    assert _read(f"{openpbs.site['work']}/script.err") == "to-stderr\n"
+    _nothing_left(openpbs)
+
+
+def test_rejection_at_qsub_with_its_reason(openpbs):
+    rejected = openpbs.qsub(["-q", "grid", "--", "/bin/true"], user="daemon", cwd="/tmp")
+    assert rejected.returncode != 0 and rejected.stdout == ""
+    assert "no execution environment is offered to this VO" in rejected.stderr, rejected.stderr
+
+
+def test_the_environment_asked_for_is_the_guests(openpbs):
+    """blahvm_env needs flag=m: without it the mom never sees it and the job gets another environment."""
+    meminfo = "sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo"
+    asked = _submit(openpbs, "env", ["-l", "blahvm_env=other", "--", "/bin/sh", "-c", meminfo])
+    default = _submit(openpbs, "noenv", ["--", "/bin/sh", "-c", meminfo])
+    fields = _finished(openpbs, asked)
+    assert fields["Exit_status"] == 0 and fields["Resource_List"]["blahvm_env"] == "other", (fields, _log(openpbs))
+    assert _finished(openpbs, default)["Resource_List"]["blahvm_env"] == "vm"
+    other = int(_read(f"{openpbs.site['work']}/env.out"))
+    vm = int(_read(f"{openpbs.site['work']}/noenv.out"))
+    assert 256 * 1024 < other <= OTHER_MEMORY_MIB * 1024 and vm <= 256 * 1024, (other, vm)
+    _nothing_left(openpbs)
+
+
+def test_qsub_still_routes_after_a_resource_is_created(openpbs):
+    """qmgr create resource restarts pbs_server's Python: the hook must import again (no C extension twice)."""
+    name = f"blahvm_test_{os.getpid()}"
+    openpbs.qmgr(f"create resource {name} type=long")
+    try:
+        job_id = _submit(openpbs, "after", ["--", "/bin/sh", "-c", "exit 6"])
+        fields = _finished(openpbs, job_id)
+        assert fields["queue"] == "short" and fields["Exit_status"] == 6, (fields, _log(openpbs))
+    finally:
+        openpbs.qmgr(f"delete resource {name}", check=False)
+    _nothing_left(openpbs)
+
+
+def test_qdel_of_a_running_job_leaves_nothing(openpbs):
+    job_id = _submit(openpbs, "killed", ["--", "/bin/sh", "-c", "echo started; sleep 600"])
+    deadline = time.monotonic() + 120
+    while not (openpbs.job(job_id).get("job_state") == "R" and _live(openpbs)
+               and os.path.exists(f"{HOME}/spool/{job_id}.OU")
+               and os.path.getsize(f"{HOME}/spool/{job_id}.OU") > 0):
+        assert time.monotonic() < deadline, (openpbs.job(job_id), _log(openpbs))
+        time.sleep(0.5)
+    deleted = openpbs.run([f"{PREFIX}/bin/qdel", job_id], user=openpbs.site["user"].pw_name)
+    assert deleted.returncode == 0, deleted.stderr
+    fields = openpbs.wait(job_id, timeout=120)
+    # the mom's SIGTERM reaches the payload in the guest through the starter: 128 + 15, the starter's exit
+    assert fields["Exit_status"] == 143, (fields, _log(openpbs))
+    assert _read(f"{openpbs.site['work']}/killed.out") == "started\n"
+    _nothing_left(openpbs)
