@@ -105,6 +105,15 @@ class OpenPBS:
         except (ValueError, KeyError, StopIteration):
             return {}
 
+    def slots(self) -> Optional[int]:
+        """``resources_available.blahvm_slots`` of this host's vnode, as the server has it."""
+        done = self.run([f"{PREFIX}/bin/pbsnodes", "-a", "-F", "json"])
+        try:
+            nodes = json.loads(qstat_json(done.stdout))["nodes"]
+            return next(iter(nodes.values()))["resources_available"].get("blahvm_slots")
+        except (ValueError, KeyError, StopIteration, AttributeError):
+            return None
+
     def wait(self, job_id: str, timeout: float = 300) -> Dict:
         """The job's attributes once it is finished (F) and the mom has purged it."""
         deadline = time.monotonic() + timeout

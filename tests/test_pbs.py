@@ -224,7 +224,10 @@ def test_install_writes_root_owned_scripts_and_prints_the_qmgr_commands(installe
     assert settings_file["config"] == os.path.abspath(site)
     assert settings_file["job_starter"] == str(home / "mom_priv" / "blahvm_job_starter")
     assert (home / "blahvm" / "blahvm_hook.py").read_text() == open(f"{REPO}/plugins/pbs/blahvm_hook.py").read()
-    assert 'qmgr -c "set hook blahvm event = \'queuejob,execjob_begin,execjob_launch,execjob_end,' in said
+    assert 'qmgr -c "set hook blahvm event = \'queuejob,execjob_begin,execjob_launch,execjob_epilogue,execjob_end,' \
+        in said
+    assert f"sed -i '/^resources: /{{/blahvm_slots/!s/\"$/, blahvm_slots\"/}}' {home}/sched_priv/sched_config" in said
+    assert f'kill -HUP "$(head -n 1 {home}/sched_priv/sched.lock)"' in said
     assert "application/x-config default" in said and "$job_starter " in said and "blahvm_slots" in said
 
 
@@ -337,7 +340,18 @@ def test_queuejob_routes_to_the_queue_and_sets_the_environment(installed):
     assert done["verdict"] == "accept", done
     assert done["job"]["queue"] == "short"
     assert done["job"]["Resource_List"]["blahvm_env"] == "demo"
+    assert done["job"]["Resource_List"]["select"] == "1:ncpus=1:blahvm_slots=1"  # one guest slot per job
     assert done["stdout"] == ""
+
+
+@pytest.mark.parametrize("select, expected", [
+    ("1:ncpus=1", "1:ncpus=1:blahvm_slots=1"),
+    ("ncpus=2:mem=1gb", "1:ncpus=2:mem=1gb:blahvm_slots=1"),
+    ("1:ncpus=1:blahvm_slots=0", "1:ncpus=1:blahvm_slots=1"),  # the user's own value is replaced
+    ("3:ncpus=1+1:mem=2gb:blahvm_slots=5", "1:ncpus=1:blahvm_slots=1+2:ncpus=1+1:mem=2gb"),
+])
+def test_queuejob_reserves_exactly_one_slot_on_the_first_chunk(select, expected):
+    assert pbs.select_with_slot(select) == expected
 
 
 def test_queuejob_rejects_with_the_rules_reason(installed):

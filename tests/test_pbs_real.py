@@ -68,6 +68,9 @@ def openpbs(demo_image):
     os.mkdir(work)
     os.chown(work, user.pw_uid, user.pw_gid)
     cluster = OpenPBS()
+    sched_config = f"{HOME}/sched_priv/sched_config"
+    with open(sched_config, "rb") as stream:
+        scheduler_was = stream.read()
     try:
         cluster.up()
         leftover = cluster.run([f"{PREFIX}/bin/qselect"]).stdout.split()  # jobs an interrupted run left
@@ -81,11 +84,17 @@ def openpbs(demo_image):
              "--python", SYSTEM_PYTHON], capture_output=True, text=True, timeout=120)
         assert installed.returncode == 0, installed.stderr
         assert not os.path.exists(f"{HOME}/mom_priv/prologue") and "$job_starter" not in installed.stdout
-        for line in installed.stdout.splitlines():  # the printed qmgr commands, as an admin runs them
+        for line in installed.stdout.splitlines():  # the printed commands, as an admin runs them
             if line.startswith('qmgr -c "'):
                 command = line[len('qmgr -c "'):-1]
                 done = cluster.qmgr(command, check=False)
                 assert done.returncode == 0 or "Duplicate" in done.stderr + done.stdout, (command, done)
+            elif line.startswith(("sed -i ", "kill -HUP ")):
+                done = subprocess.run(["/bin/sh", "-c", line], capture_output=True, text=True, timeout=60)
+                assert done.returncode == 0, (line, done)
+        with open(sched_config) as stream:
+            assert any(line.startswith("resources: ") and line.rstrip().endswith(', blahvm_slots"')
+                       for line in stream)
         deadline = time.monotonic() + 60
         while not os.path.exists(f"{HOME}/mom_priv/hooks/blahvm.PY"):
             assert time.monotonic() < deadline, "the mom never got the hook"
@@ -95,12 +104,18 @@ def openpbs(demo_image):
                 cluster.qmgr(f"create queue {queue} queue_type=execution")
             cluster.qmgr(f"set queue {queue} enabled = true")
             cluster.qmgr(f"set queue {queue} started = true")
+        deadline = time.monotonic() + 150  # exechost_periodic (freq 60) publishes the slots
+        while cluster.slots() != 2:
+            assert time.monotonic() < deadline, f"blahvm_slots never published: {cluster.slots()}"
+            time.sleep(1)
         cluster.site = {"config": path, "dir": directory, "work": work, "pool": pool, "user": user,
                         "run_dir": config["host"]["run_dir"]}
         yield cluster
     finally:
         if cluster.qmgr("list hook blahvm", check=False).returncode == 0:
             cluster.driver("remove-hook", "blahvm", check=False)
+        with open(sched_config, "wb") as stream:
+            stream.write(scheduler_was)
         cluster.driver("down", check=False)
         for name in _virsh("list", "--all", "--name").stdout.split():
             if name.startswith("blahvm-") and pool in _virsh("dumpxml", name).stdout:
@@ -239,3 +254,20 @@ def test_qdel_of_a_running_job_leaves_nothing(openpbs):
     assert fields["Exit_status"] == 143, (fields, _log(openpbs))
     assert _read(f"{openpbs.site['work']}/killed.out") == "started\n"
     _nothing_left(openpbs)
+
+
+def test_four_jobs_on_two_slots_all_run_two_guests_at_once(openpbs):
+    """queuejob adds blahvm_slots=1 to each job's select and exechost_periodic publishes the slots PBS may
+    use (free plus held): PBS runs two at a time, each once, the others when a slot is back."""
+    ids = [_submit(openpbs, f"slot{n}", ["--", "/bin/sh", "-c", "sleep 15"]) for n in range(4)]
+    assert all("blahvm_slots=1" in openpbs.job(job_id)["Resource_List"]["select"] for job_id in ids)
+    most = 0
+    deadline = time.monotonic() + 600
+    while not all(openpbs.job(job_id).get("job_state") == "F" for job_id in ids):
+        assert time.monotonic() < deadline, [openpbs.job(job_id).get("job_state") for job_id in ids]
+        most = max(most, len(_live(openpbs)))
+        time.sleep(0.5)
+    assert [_finished(openpbs, job_id)["Exit_status"] for job_id in ids] == [0, 0, 0, 0], _log(openpbs)
+    assert most == 2, _log(openpbs)
+    _nothing_left(openpbs)
+

@@ -683,8 +683,32 @@ def _queuejob(pbs, event, site, log_file) -> None:
     job.Resource_List[ENV_RESOURCE] = decision.environment
     for name, value in parse_resource_list(decision.resources or ""):
         job.Resource_List[name] = value
+    chosen = job.Resource_List["select"]
+    if chosen is not None and str(chosen):
+        job.Resource_List["select"] = pbs.select(select_with_slot(str(chosen)))
+    else:  # an old-style request: PBS makes the select from the job-wide host-level resources
+        job.Resource_List[SLOTS_RESOURCE] = 1
     log_event("queuejob", f"route {decision.rule}: queue {decision.queue}, environment {decision.environment}",
               user=facts.user, vo=decision.vo, log_file=log_file)
+
+
+def select_with_slot(select: str) -> str:
+    """The job's ``select`` reserving exactly one ``blahvm_slots`` (one guest per job), on its first chunk
+    (the mother superior's, where execjob_begin prepares the guest); whatever the user asked of it is
+    replaced. ``2:ncpus=1`` becomes ``1:ncpus=1:blahvm_slots=1+1:ncpus=1``."""
+    chunks = []
+    for chunk in select.split("+"):
+        parts = [part for part in chunk.split(":") if part.partition("=")[0] != SLOTS_RESOURCE]
+        if parts and parts[0].isdigit():
+            chunks.append((int(parts[0]), parts[1:]))
+        else:
+            chunks.append((1, parts))
+    count, first = chunks[0]
+    spelled = [":".join(["1"] + first + [f"{SLOTS_RESOURCE}=1"])]
+    if count > 1:
+        spelled.append(":".join([str(count - 1)] + first))
+    spelled += [":".join([str(n)] + parts) for n, parts in chunks[1:]]
+    return "+".join(spelled)
 
 
 def begin_workdir(job, user: str) -> Optional[str]:
@@ -759,14 +783,33 @@ def _end(event, site, log_file) -> None:
               log_file=log_file or site.host.log_file)
 
 
-def _periodic(pbs, event, site, log_file) -> None:
+def host_slots(site):
+    """``resources_available.blahvm_slots``: the guests PBS may run here, free slots plus those its jobs'
+    guests hold now (at most ``max_guests``). PBS subtracts each running job's ``blahvm_slots=1`` itself:
+    publishing only the free slots counted every running guest twice (observed: two jobs on two slots
+    ran, the others stayed queued until the next cycle). Returns (slots or None when it cannot be known,
+    the capacity it was taken from)."""
+    from blahvm.ledger import Ledger
+    from blahvm.ledger.errors import LedgerError
     from blahvm.lifecycle import capacity
 
     free = capacity(site)
     if free.outcome is not Outcome.OK:
+        return None, free
+    try:
+        with Ledger(site.host) as ledger:
+            held = len(ledger.live())
+    except LedgerError as error:
+        return None, attrs.evolve(free, outcome=Outcome.RETRY_ELSEWHERE, message=str(error))
+    return min(max(int(free.guests), 0) + held, site.host.max_guests), free
+
+
+def _periodic(pbs, event, site, log_file) -> None:
+    slots, free = host_slots(site)
+    if slots is None:
         log_event("exechost_periodic", free.message, log_file=log_file or site.host.log_file)
         return
     vnode = event.vnode_list[pbs.get_local_nodename()]
-    vnode.resources_available[SLOTS_RESOURCE] = int(free.guests)
+    vnode.resources_available[SLOTS_RESOURCE] = slots
     vnode.resources_available[ENVS_RESOURCE] = ",".join(free.environments) or "none"
 

@@ -10,7 +10,7 @@ import shlex
 import sys
 
 HOOK_NAME = "blahvm"
-HOOK_EVENTS = "queuejob,execjob_begin,execjob_launch,execjob_end,exechost_periodic"
+HOOK_EVENTS = "queuejob,execjob_begin,execjob_launch,execjob_epilogue,execjob_end,exechost_periodic"
 
 
 def add_parser(systems) -> None:
@@ -108,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
 def instructions(hook_dir: str, starter: str, budget: float, torque: bool = True) -> str:
     hook = shlex.quote(os.path.join(hook_dir, "blahvm_hook.py"))
     settings = shlex.quote(os.path.join(hook_dir, "blahvm_hook.json"))
+    sched_priv = os.path.join(os.path.dirname(hook_dir), "sched_priv")
+    sched_config = shlex.quote(os.path.join(sched_priv, "sched_config"))
+    sched_lock = shlex.quote(os.path.join(sched_priv, "sched.lock"))
     alarm = int(budget) + 5
     text = f"""\
 # OpenPBS / PBS Pro, as root on the server host (the server sends the hook to every mom):
@@ -120,7 +123,9 @@ qmgr -c "set hook {HOOK_NAME} alarm = {alarm}"
 qmgr -c "set hook {HOOK_NAME} freq = 60"
 qmgr -c "import hook {HOOK_NAME} application/x-python default {hook}"
 qmgr -c "import hook {HOOK_NAME} application/x-config default {settings}"
-# and add blahvm_slots to the resources: line of PBS_HOME/sched_priv/sched_config.
+# The scheduler must count blahvm_slots (queuejob adds blahvm_slots=1 to every job's select):
+sed -i '/^resources: /{{/blahvm_slots/!s/"$/, blahvm_slots"/}}' {sched_config}
+kill -HUP "$(head -n 1 {sched_lock})"
 # The hook does all the work; the mom would run mom_priv/prologue and epilogue as well: have none."""
     if torque:
         text += f"""

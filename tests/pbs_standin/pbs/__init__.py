@@ -34,8 +34,16 @@ class size(str):
     pass
 
 
+class select(str):
+    pass
+
+
 class pbs_resource(dict):
-    """``Resource_List``: indexable, prints as ``name=value,...`` as PBS does."""
+    """``Resource_List``: indexable (None for what the job does not have), prints as ``name=value,...``
+    as PBS does."""
+
+    def __getitem__(self, name):
+        return self.get(name)
 
     def __str__(self):
         return ",".join("%s=%s" % (k, v) for k, v in self.items())
