@@ -26,13 +26,14 @@ import socket
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 
 from blahvm.guest import client
-from blahvm.hypervisor import naming
+from blahvm.hypervisor import guests, naming
 from blahvm.hypervisor.connection import libvirt, open_connection
-from blahvm.hypervisor.domain import DiskSpec, GuestMetadata, GuestSpec, build_domain_xml, guest_uuid
+from blahvm.hypervisor.domain import BackingFile, DiskSpec, GuestMetadata, GuestSpec, build_domain_xml, guest_uuid
 from blahvm.hypervisor.images import inspect_image
 from blahvm.hypervisor.storage import ClonePool, volume_xml
 from blahvm.image import build_demo_image
@@ -74,7 +75,9 @@ def clone_times(pool: ClonePool, golden_path: str, runs: int):
 
 
 class BarePath:
-    """The same guest as prepare makes, through libvirt-python directly."""
+    """The same guest as prepare makes, through libvirt-python directly (its golden named with
+    ``relabel='no'`` as prepare names it: else libvirt chowns the golden to QEMU's user for good, and
+    blahvm then refuses it)."""
 
     def __init__(self, conn, config: SiteConfig, pool_name: str) -> None:
         self.raw = conn.raw
@@ -98,7 +101,7 @@ class BarePath:
         vol = self.pool.createXML(volume_xml(volume, self.golden.virtual_size, "qcow2", self.golden), 0)
         spec = GuestSpec(
             name=name, uuid=guest_uuid(name), flavour="kvm", memory=env.memory, vcpus=env.vcpus,
-            disks=(DiskSpec(vol.path(), "qcow2"),), metadata=metadata, agent_sockets=(sock,),
+            disks=(DiskSpec(vol.path(), "qcow2", backing=BackingFile(self.golden.path, self.golden.format)),), metadata=metadata, agent_sockets=(sock,),
             kernel=env.kernel, initrd=env.initrd, cmdline=env.cmdline, domain_type="qemu",
         )
         domain = self.raw.defineXMLFlags(build_domain_xml(spec), libvirt().VIR_DOMAIN_DEFINE_VALIDATE)
@@ -112,17 +115,87 @@ class BarePath:
         return time.perf_counter() - started
 
 
-def blahvm_run(config: SiteConfig, job_env, wait: bool):
-    """prepare + teardown of one job; (total seconds, prepare seconds, teardown seconds, phases)."""
+class DestroyWatch:
+    """Where teardown's time goes: libvirt's destroy+undefine of the guest, timed inside teardown, and
+    when the guest's QEMU process actually exited (a zombie or gone, polled in /proc every 2 ms).
+
+    libvirt's destroy returns only once the QEMU pid no longer exists (it polls every 200 ms), and an
+    exited QEMU exists until its parent, the host's init (libvirtd daemonizes QEMU), reaps it.
+    """
+
+    def __init__(self) -> None:
+        self.destroy = 0.0  # seconds in guests.destroy_and_undefine
+        self.exited = None  # seconds from the destroy call until QEMU had exited, if seen
+
+    def __enter__(self) -> "DestroyWatch":
+        self._original = guests.destroy_and_undefine
+        guests.destroy_and_undefine = self._timed
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        guests.destroy_and_undefine = self._original
+
+    def _timed(self, conn, name: str) -> bool:
+        pid = qemu_pid(name)
+        started = time.perf_counter()
+        stop = threading.Event()
+        watcher = threading.Thread(target=self._watch, args=(pid, started, stop), daemon=True) if pid else None
+        if watcher:
+            watcher.start()
+        try:
+            return self._original(conn, name)
+        finally:
+            self.destroy += time.perf_counter() - started
+            stop.set()
+            if watcher:
+                watcher.join()
+
+    def _watch(self, pid: int, started: float, stop: threading.Event) -> None:
+        while not stop.is_set():
+            if process_state(pid) in (None, "Z", "X"):
+                self.exited = time.perf_counter() - started
+                return
+            time.sleep(0.002)
+        if process_state(pid) in (None, "Z", "X"):
+            self.exited = time.perf_counter() - started
+
+
+def qemu_pid(guest: str):
+    """The guest's QEMU pid from libvirt's pid file (qemu:///system), or None."""
+    try:
+        with open(f"/run/libvirt/qemu/{guest}.pid") as handle:
+            return int(handle.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def process_state(pid: int):
+    """The one-letter state of ``pid`` (R, S, Z, ...), None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def blahvm_run(config: SiteConfig, job_env, wait: bool, breakdown: "dict | None" = None):
+    """prepare + teardown of one job; (total seconds, prepare seconds, teardown seconds, phases).
+    ``breakdown`` (a dict of lists) gets this teardown's destroy, qemu_exit and rest seconds appended."""
     decision = Decision(queue="q", environment="demo", rule="r", vo="bench", memory=job_env.memory, vcpus=job_env.vcpus)
     job = Job(job_id=f"bench-{uuid.uuid4().hex[:8]}", user="nobody", decision=decision, uid=65534, gid=65534)
     started = time.perf_counter()
     result = prepare(config, job, ready_timeout=READY_TIMEOUT if wait else None)
     prepared = time.perf_counter()
-    done = teardown(config, job.job_id)
+    with DestroyWatch() as watch:
+        done = teardown(config, job.job_id)
     ended = time.perf_counter()
     if result.outcome is not Outcome.OK or done.outcome is not Outcome.OK:
         raise SystemExit(f"bench: {result.message}; {done.message}")
+    if breakdown is not None:
+        breakdown.setdefault("destroy", []).append(watch.destroy)
+        if watch.exited is not None:
+            breakdown.setdefault("qemu_exit", []).append(watch.exited)
+        breakdown.setdefault("rest", []).append(ended - prepared - watch.destroy)
     return ended - started, prepared - started, ended - prepared, dict(result.timings)
 
 
@@ -139,7 +212,8 @@ def measure(args, echo: bool = True) -> "Table":
     """Every row of the table (label, samples in seconds); ``args`` as main parses them.
 
     Keys for other scripts: ``rows.figures`` maps short names (clone_100m, clone_2g, bare, blahvm,
-    prepare, teardown, ready, bare_nowait, blahvm_nowait) to their sample lists.
+    prepare, teardown, ready, bare_nowait, blahvm_nowait; teardown_destroy, teardown_qemu_exit and
+    teardown_rest, each also with _nowait) to their sample lists.
     """
     ensure_libvirt(URI, timeout=90)
     demo = build_demo_image(args.image_dir)
@@ -178,9 +252,10 @@ def measure(args, echo: bool = True) -> "Table":
                 if runs == 0:
                     continue
                 totals, prepares, teardowns, bares, readies = [], [], [], [], []
+                breakdown = {}
                 for _ in range(runs):
                     bares.append(bare.run(wait))
-                    total, prepared, torn, phases = blahvm_run(config, env, wait)
+                    total, prepared, torn, phases = blahvm_run(config, env, wait, breakdown)
                     totals.append(total)
                     prepares.append(prepared)
                     teardowns.append(torn)
@@ -194,6 +269,12 @@ def measure(args, echo: bool = True) -> "Table":
                 rows.append((f"bare libvirt: clone+define+start{'+hello' if wait else ''}+destroy+delete{tag}", bares))
                 rows.append((f"blahvm: prepare{' to running' if wait else ''}{tag}", prepares))
                 rows.append((f"blahvm: teardown{tag}", teardowns))
+                for part, what in (("destroy", "libvirt's destroy+undefine"),
+                                   ("qemu_exit", "until QEMU had exited (SIGTERM to zombie)"),
+                                   ("rest", "everything else (stats, volumes, run dir, share, ledger)")):
+                    if breakdown.get(part):
+                        rows.figures[f"teardown_{part}{key}"] = breakdown[part]
+                        rows.append((f"  of which {what}{tag}", breakdown[part]))
                 rows.append((f"blahvm: prepare+teardown{tag}", totals))
                 if wait:
                     rows.append(("  of which waiting for the agent's hello", readies))

@@ -99,7 +99,17 @@ def lifecycle(rows: Rows, quick: bool, image_dir: str) -> None:
     prep, ready = med(figures["prepare"]), med(figures["ready"])
     rows.add(f"prepare to running (agent answers), n={len(figures['prepare'])}", ms(prep),
              f"of which agent boot {ms(ready)}", f"{ready / prep:.0%}")
-    rows.add(f"teardown, n={len(figures['teardown'])}", ms(med(figures["teardown"])))
+    torn = figures["teardown"] + figures["teardown_nowait"]
+    rows.add(f"teardown, n={len(torn)}", ms(med(torn)))
+    destroy = figures.get("teardown_destroy", []) + figures.get("teardown_destroy_nowait", [])
+    exited = figures.get("teardown_qemu_exit", []) + figures.get("teardown_qemu_exit_nowait", [])
+    rest = figures.get("teardown_rest", []) + figures.get("teardown_rest_nowait", [])
+    if destroy:
+        rows.add("  of which libvirt's destroy+undefine", ms(med(destroy)),
+                 f"QEMU itself exited after {ms(med(exited))}" if exited else "", f"{med(destroy) / med(torn):.0%}")
+    if rest:
+        rows.add("  teardown without libvirt's destroy (blahvm's own work)", ms(med(rest)), "goal 300 ms",
+                 f"{med(rest) / 0.300:.2f}x")
     for key, what in (("", "with boot to agent"), ("_nowait", "define+start only")):
         bare, mine = med(figures[f"bare{key}"]), med(figures[f"blahvm{key}"])
         rows.add(f"blahvm prepare+teardown ({what}), n={len(figures[f'bare{key}'])}", ms(mine),
