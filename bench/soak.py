@@ -317,7 +317,7 @@ def inventory(config, prefix: str) -> dict:
     return dict(
         domains=domains, volumes=volumes, run_dirs=run_dirs, live=[e.job_id for e in live],
         live_without_guest=[e.job_id for e in live if e.guest and e.guest not in all_domains],
-        guests_without_entry=sorted(set(domains) - {naming.guest_name(e.job_id) for e in live}),
+        guests_without_entry=sorted(set(domains) - {naming.guest_name(e.job_id, config.host.state_dir) for e in live}),
         free_slots=free.guests, history=history,
     )
 

@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from blahvm.hypervisor import naming
+from tests.test_lifecycle import guest_of
 from blahvm.hypervisor.connection import open_connection
 from blahvm.lifecycle import prepare, teardown
 from blahvm.model import Outcome
@@ -53,7 +53,7 @@ def test_a_guest_leaves_its_golden_roots_and_unwritable_by_qemu(demo_image):
     with real_params(demo_image, max_guests=1) as (params, made):
         config = build_config(params)
         job = build_job(f"golden-{uuid.uuid4().hex[:6]}", params)
-        made.add(naming.guest_name(job.job_id))
+        made.add(guest_of(config, job.job_id))
         try:
             result = prepare(config, job, ready_timeout=None)  # started: QEMU has opened its disks
             assert result.outcome is Outcome.OK, result.message

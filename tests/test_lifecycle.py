@@ -17,6 +17,7 @@ from blahvm.hypervisor import guests, naming
 from blahvm.hypervisor.connection import open_connection
 from blahvm.hypervisor.storage import ClonePool
 from blahvm.ledger import Ledger, State
+from blahvm.lifecycle._common import job_names
 from blahvm.lifecycle import (
     LAUNCH_FAILED,
     accounting,
@@ -59,6 +60,12 @@ def make_job(job_id="1234.server", environment="demo", memory=256 * MiB, uid=Non
     return Job(job_id=job_id, user="cms001", decision=decision, uid=uid, gid=gid, name="a job")
 
 
+def guest_of(config, job_id):
+    """The guest blahvm names for ``job_id`` in the installation ``config`` describes (its state dir
+    is in the name): every test that expects a job's guest asks here, never ``naming`` directly."""
+    return job_names(config, job_id).guest
+
+
 def live_entries(config):
     with Ledger(config.host) as ledger:
         return ledger.live()
@@ -99,7 +106,7 @@ def test_prepare_makes_guest_clone_run_dir_and_ledger_entry(tmp_path, golden, ke
     job = make_job()
     result = prepare(config, job, ready_timeout=None)
     assert result.outcome is Outcome.OK, result.message
-    assert result.guest == naming.guest_name(job.job_id) and not result.reused
+    assert result.guest == guest_of(config, job.job_id) and not result.reused
     assert domain_names(keep_driver) == {result.guest}
     assert volume_names(config, keep_driver) == {result.guest + ".qcow2"}
     assert os.stat(result.run_dir).st_mode & 0o777 == 0o700
@@ -222,7 +229,7 @@ def test_teardown_is_idempotent_and_gone_is_fine(tmp_path, golden, keep_driver):
     assert prepare(config, job, ready_timeout=None).outcome is Outcome.OK
     first = teardown(config, job.job_id)
     assert first.outcome is Outcome.OK and first.guest_removed
-    assert first.volumes_removed == (naming.guest_name(job.job_id) + ".qcow2",)
+    assert first.volumes_removed == (guest_of(config, job.job_id) + ".qcow2",)
     assert_nothing_left(config, keep_driver)
     again = teardown(config, job.job_id)
     assert again.outcome is Outcome.OK and not again.guest_removed
@@ -241,7 +248,7 @@ def _dead_pid():
 def test_a_dead_owners_half_made_entry_is_cleaned_and_redone(tmp_path, golden, keep_driver):
     config = make_config(tmp_path, golden)
     job = make_job()
-    names_guest = naming.guest_name(job.job_id)
+    names_guest = guest_of(config, job.job_id)
     pool = ClonePool.ensure(keep_driver, config.hypervisor.pool, config.hypervisor.pool_path)
     with Ledger(config.host) as ledger:  # a prologue that died right after making its clone
         entry = ledger.reserve(job.job_id, job.user, "cms", "demo", 256 * MiB, 1, pid=_dead_pid())
@@ -285,25 +292,25 @@ def test_reap_finds_orphans_and_dry_run_only_reports(tmp_path, golden, keep_driv
         ledger.close(orphan.job_id, Outcome.OK)
         for job in (kept, vanished):  # as after wait_ready
             ledger.transition(job.job_id, State.BOOTING, State.RUNNING)
-    guests.destroy_and_undefine(keep_driver, naming.guest_name(vanished.job_id))
+    guests.destroy_and_undefine(keep_driver, guest_of(config, vanished.job_id))
 
     dry = reap(config, dry_run=True)
     assert dry.outcome is Outcome.OK and dry.dry_run
-    assert dry.guests == (naming.guest_name(orphan.job_id),)
+    assert dry.guests == (guest_of(config, orphan.job_id),)
     assert dry.entries_closed == (vanished.job_id,)
     assert len(domain_names(keep_driver)) == 2 and len(live_entries(config)) == 2  # untouched
 
     report = reap(config)
-    assert report.guests == (naming.guest_name(orphan.job_id),)
+    assert report.guests == (guest_of(config, orphan.job_id),)
     # what closing the vanished job's entry removed counts too, as the dry run said it would
-    assert set(report.volumes) == set(dry.volumes) == {naming.guest_name(job.job_id) + ".qcow2"
+    assert set(report.volumes) == set(dry.volumes) == {guest_of(config, job.job_id) + ".qcow2"
                                                        for job in (orphan, vanished)}
-    assert set(report.run_dirs) == set(dry.run_dirs) == {os.path.join(config.host.run_dir, naming.guest_name(job.job_id))
+    assert set(report.run_dirs) == set(dry.run_dirs) == {os.path.join(config.host.run_dir, guest_of(config, job.job_id))
                                                          for job in (orphan, vanished)}
     assert report.message.startswith("reap removed 1 guests, 2 volumes, 2 run dirs; closed 1 entries")
     assert report.entries_closed == (vanished.job_id,)
-    assert domain_names(keep_driver) == {naming.guest_name(kept.job_id)}
-    assert volume_names(config, keep_driver) == {naming.guest_name(kept.job_id) + ".qcow2"}
+    assert domain_names(keep_driver) == {guest_of(config, kept.job_id)}
+    assert volume_names(config, keep_driver) == {guest_of(config, kept.job_id) + ".qcow2"}
     assert [entry.job_id for entry in live_entries(config)] == [kept.job_id]
     assert reap(config).message.startswith("reap removed 0 guests, 0 volumes, 0 run dirs")
     teardown(config, kept.job_id)
@@ -435,5 +442,5 @@ def test_reap_leaves_the_guests_of_another_installation_alone(tmp_path, golden, 
     job = make_job("theirs.1")
     assert prepare(theirs, job, ready_timeout=None).outcome is Outcome.OK
     assert reap(ours).guests == ()  # same host, but another ledger made it
-    assert naming.guest_name(job.job_id) in domain_names(keep_driver)
+    assert guest_of(theirs, job.job_id) in domain_names(keep_driver)
     teardown(theirs, job.job_id)

@@ -31,6 +31,7 @@ from blahvm.ledger import Ledger, State
 from blahvm.lifecycle import prepare, reap, teardown
 from blahvm.model import Decision, Environment, HostConfig, HypervisorConfig, Job, Outcome, SiteConfig
 from blahvm.quantities import Size
+from tests.test_lifecycle import guest_of
 
 pytest.importorskip("libvirt")
 
@@ -141,7 +142,7 @@ def leftovers(config, conn) -> dict:
                            for name in os.listdir(config.host.run_dir)})
     except FileNotFoundError:
         run_dirs = []
-    here = {naming.guest_name(entry.job_id) for entry in live_entries(config)}
+    here = {guest_of(config, entry.job_id) for entry in live_entries(config)}
     return dict(
         domains=sorted(g.name for g in guests.list_blahvm_guests(conn) if g.metadata.job_id.startswith("rel-")),
         volumes=sorted(v.name for v in pool.list_volumes() if v.name.startswith(naming.PREFIX)),
@@ -263,11 +264,11 @@ def test_real_concurrent_prepares_boot_two_of_three_then_teardown_leaves_nothing
         config = build_config(params)
         params["ready_timeout"] = READY_TIMEOUT
         job_ids = [f"rel-{uuid.uuid4().hex[:6]}" for _ in range(3)]
-        made.update(naming.guest_name(job_id) for job_id in job_ids)
+        made.update(guest_of(config, job_id) for job_id in job_ids)
         results = run_together(params, "prepare", job_ids)
         assert_exactly_two_ok(results)
         with open_connection(REAL_URI, timeout=30) as conn:
-            winners = sorted(naming.guest_name(j) for j, r in results.items() if r["outcome"] == "OK")
+            winners = sorted(guest_of(config, j) for j, r in results.items() if r["outcome"] == "OK")
             assert leftovers(config, conn)["domains"] == winners
             for job_id in job_ids:
                 assert teardown(config, job_id).outcome is Outcome.OK
@@ -301,7 +302,7 @@ def test_kill_9_of_prepare_at_random_points_then_reap_keeps_only_the_live_job(tm
         report = reap(config)
         assert report.outcome is Outcome.OK, report.message
         left = leftovers(config, keep_driver)
-        assert left == only(naming.guest_name(live_job.job_id)), f"after a kill at {delay:.3f}s in {states_hit[-1]}"
+        assert left == only(guest_of(config, live_job.job_id)), f"after a kill at {delay:.3f}s in {states_hit[-1]}"
     print(f"kill points hit: {sorted(states_hit)}")
     assert teardown(config, live_job.job_id).outcome is Outcome.OK
     assert leftovers(config, keep_driver) == NOTHING
@@ -313,13 +314,13 @@ def test_real_kill_9_of_prepare_never_costs_the_live_job_and_a_killed_teardown_r
         config = build_config(params)
         params["ready_timeout"] = READY_TIMEOUT
         live_job = build_job(f"rel-live-{uuid.uuid4().hex[:6]}", params)
-        live_guest = naming.guest_name(live_job.job_id)
+        live_guest = guest_of(config, live_job.job_id)
         made.add(live_guest)
         assert prepare(config, live_job, ready_timeout=READY_TIMEOUT).outcome is Outcome.OK
         with open_connection(REAL_URI, timeout=30) as conn:
             for delay in [random.Random(SEED + n).uniform(0.0, 3.0) for n in range(2)]:
                 job_id = f"rel-killed-{uuid.uuid4().hex[:6]}"
-                made.add(naming.guest_name(job_id))
+                made.add(guest_of(config, job_id))
                 kill_after(params, "prepare", job_id, delay)
                 report = reap(config)
                 assert report.outcome is Outcome.OK, report.message
@@ -347,7 +348,7 @@ def test_real_prepare_killed_while_waiting_for_the_agent_is_reaped(demo_image):
         config = build_config(params)
         params["ready_timeout"] = READY_TIMEOUT
         job_id = f"rel-killed-{uuid.uuid4().hex[:6]}"
-        guest = naming.guest_name(job_id)
+        guest = guest_of(config, job_id)
         made.add(guest)
         with open_connection(REAL_URI, timeout=30) as conn, Child(params, "prepare", job_id) as child:
             child.go()

@@ -20,6 +20,7 @@ from blahvm.hypervisor.errors import SpecError
 from blahvm.hypervisor import naming
 from blahvm.hypervisor.metadata import read_metadata
 from blahvm.quantities import Size
+from tests.test_lifecycle import guest_of
 
 pytest.importorskip("libvirt")
 
@@ -166,7 +167,7 @@ def test_each_jobs_agent_socket_is_its_users_alone(demo_image, throwaway_user):
         other = build_job(f"sec-{uuid.uuid4().hex[:6]}", params)
         other = type(other)(job_id=other.job_id, user=throwaway_user.pw_name, decision=other.decision,
                             uid=throwaway_user.pw_uid, gid=throwaway_user.pw_gid, name="other")
-        made.update(naming.guest_name(job.job_id) for job in (mine, other))
+        made.update(guest_of(config, job.job_id) for job in (mine, other))
         try:
             results = {job.job_id: prepare(config, job, ready_timeout=180) for job in (mine, other)}
             for job in (mine, other):

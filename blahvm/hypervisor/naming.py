@@ -2,14 +2,18 @@
 
 A job id is user-influenced (LSF array ids ``123[4]``, PBS ``123.server``, anything a harness passes),
 so it never becomes a name as is: it is reduced to ``[A-Za-z0-9._]`` and a hash of the exact id is
-appended, so two ids that sanitise alike still get different names. The result is safe as a libvirt
-domain name, a file name in the clone pool, a log field and a shell word.
+appended, so two ids that sanitise alike still get different names. The hash also covers the
+installation (its state dir), so two installations on one libvirtd (a test site beside production, two
+clusters whose job ids both start at 1) never give their job 7 the same guest. The result is safe as a
+libvirt domain name, a file name in the clone pool, a log field and a shell word.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+from typing import Optional, Tuple
 
 from blahvm.hypervisor.errors import SpecError
 
@@ -19,17 +23,31 @@ _MAX_READABLE = 32  # keeps names short enough for libvirt's per-domain socket a
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
 
 
-def job_hash(job_id: str) -> str:
-    """8 hex digits of sha256 over the exact id (surrogates included, so any str works)."""
-    return hashlib.sha256(job_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+def job_hash(job_id: str, installation: Optional[str] = None) -> str:
+    """8 hex digits of sha256 over the exact id (surrogates included, so any str works), preceded by
+    the installation's state dir and a NUL (which no path holds) when one is given."""
+    text = job_id if installation is None else os.path.normpath(installation) + "\0" + job_id
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
-def guest_name(job_id: str) -> str:
-    """``blahvm-<sanitised id>-<hash>``: the domain name of the guest that runs ``job_id``."""
+def guest_name(job_id: str, installation: Optional[str] = None) -> str:
+    """``blahvm-<sanitised id>-<hash>``: the domain name of the guest that runs ``job_id`` for the
+    installation whose state dir is ``installation``. Without one: the name blahvm gave before names
+    carried their installation (``legacy_guest_name``), still recognised so an upgrade leaves no orphan."""
     if not job_id:
         raise SpecError("a job id is needed to name its guest, got an empty one")
     readable = _KEEP.sub("_", job_id)[:_MAX_READABLE]
-    return f"{PREFIX}{readable}-{job_hash(job_id)}"
+    return f"{PREFIX}{readable}-{job_hash(job_id, installation)}"
+
+
+def legacy_guest_name(job_id: str) -> str:
+    """The name a guest of ``job_id`` got before names carried the installation (the hash of the id alone)."""
+    return guest_name(job_id)
+
+
+def guest_names(job_id: str, installation: str) -> Tuple[str, ...]:
+    """Every name blahvm has given the guest of ``job_id`` in this installation: the current one first."""
+    return (guest_name(job_id, installation), legacy_guest_name(job_id))
 
 
 def guest_hostname(guest: str) -> str:

@@ -17,7 +17,7 @@ from blahvm.hypervisor import guests, naming
 from blahvm.hypervisor.connection import Connection
 from blahvm.ledger import Entry, Ledger, State, owner_alive
 from blahvm.lifecycle import _rundir
-from blahvm.lifecycle._common import JobNames, Refusal, job_names
+from blahvm.lifecycle._common import JobNames, Refusal, job_names, legacy_job_names
 from blahvm.lifecycle.results import PrepareResult
 from blahvm.model import Environment, Job, Outcome, SiteConfig
 
@@ -58,9 +58,13 @@ class BringUp:
         _rundir.check_root(self.config.host.run_dir)  # before anything is made: refused, nothing to undo
         existing = self.ledger.get(self.job.job_id)
         if existing is not None and existing.live:
+            legacy = legacy_job_names(self.config, self.job.job_id)
+            if existing.run_dir == legacy.run_dir:  # prepared before names carried the installation
+                self.names = legacy
             resumed = self._resume(existing)
             if resumed is not None:
                 return resumed
+            self.names = job_names(self.config, self.job.job_id)  # the earlier guest is gone: made anew
         entry = self._reserve()
         try:
             return self._bring_up(entry)
@@ -113,7 +117,7 @@ class BringUp:
     def _bind(self) -> None:
         """Wait for the agent on the control port and tell it whose job the guest runs: from then
         on it runs payloads as that identity alone (root's decision, never the socket holder's)."""
-        identity = job_identity(self.job, self.environment)
+        identity = job_identity(self.job, self.environment, self.names.guest)
         try:
             control.bind(self.names.control_socket, identity, self.ready_timeout)
         except client.AgentError as error:
@@ -146,15 +150,15 @@ class BringUp:
         )
 
 
-def job_identity(job: Job, environment: Environment) -> control.Identity:
+def job_identity(job: Job, environment: Environment, guest: str) -> control.Identity:
     """Who the job's payload runs as in its guest, as root decides it: the uid and gid the batch
     system vouched for, the user's groups on this host, root only where the environment allows it,
-    and a hostname from the guest's name."""
+    and a hostname from ``guest``, the name blahvm gives the job's guest (``job_names``)."""
     if job.uid is None or job.gid is None:
         raise Refusal(Outcome.FAIL_JOB, f"job {job.job_id} has no uid and gid: its guest cannot be told "
                       "whom to run the job as")
     return control.Identity.of_user(job.user, job.uid, job.gid, root=environment.allow_root,
-                                    hostname=naming.guest_hostname(naming.guest_name(job.job_id)))
+                                    hostname=naming.guest_hostname(guest))
 
 
 def hand_over_socket(names: JobNames, job: Job, wait: bool, ports: int = 1) -> None:

@@ -67,7 +67,30 @@ def job_state_path(config: SiteConfig, guest: str) -> str:
 
 
 def job_names(config: SiteConfig, job_id: str) -> JobNames:
-    guest = naming.guest_name(job_id)
+    """The names this installation gives the job's guest: the job id and the state dir in its hash."""
+    return _names(config, naming.guest_name(job_id, config.host.state_dir))
+
+
+def legacy_job_names(config: SiteConfig, job_id: str) -> JobNames:
+    """The names a guest of the job got before names carried the installation (an upgrade's live jobs)."""
+    return _names(config, naming.legacy_guest_name(job_id))
+
+
+def all_job_names(config: SiteConfig, job_id: str) -> Tuple[JobNames, ...]:
+    """Every naming this installation has used for the job's guest: the current one first."""
+    return (job_names(config, job_id), legacy_job_names(config, job_id))
+
+
+def job_names_in_use(config: SiteConfig, job_id: str) -> JobNames:
+    """The job's names as its run dir shows them: the legacy ones only where a guest prepared before the
+    upgrade still has its run dir and the current one has none (``launch`` runs without the ledger)."""
+    current, legacy = all_job_names(config, job_id)
+    if not os.path.isdir(current.run_dir) and os.path.isdir(legacy.run_dir):
+        return legacy
+    return current
+
+
+def _names(config: SiteConfig, guest: str) -> JobNames:
     return JobNames(
         guest=guest,
         disk=naming.disk_volume_name(guest),

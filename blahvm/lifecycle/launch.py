@@ -11,7 +11,7 @@ from typing import Mapping, Optional, Sequence
 
 from blahvm.guest import client
 from blahvm.hypervisor.errors import SpecError
-from blahvm.lifecycle._common import job_names
+from blahvm.lifecycle._common import job_names_in_use
 from blahvm.lifecycle.results import ReadyResult
 from blahvm.model import Job, Outcome, SiteConfig
 
@@ -22,7 +22,7 @@ def wait_ready(config: SiteConfig, job: Job, timeout: float = 120.0) -> ReadyRes
     """OK once the job's agent answers hello, RETRY_ELSEWHERE if it does not within ``timeout`` s."""
     started = time.monotonic()
     try:
-        socket_path = job_names(config, job.job_id).socket
+        socket_path = job_names_in_use(config, job.job_id).socket
         client.wait_ready(socket_path, timeout)
     except (client.AgentError, SpecError) as error:
         return ReadyResult(Outcome.RETRY_ELSEWHERE, str(error), job.job_id, time.monotonic() - started)
@@ -51,7 +51,7 @@ def launch(
     is ``LAUNCH_FAILED`` (255).
     """
     try:
-        run_dir = job_names(config, job.job_id).run_dir
+        run_dir = job_names_in_use(config, job.job_id).run_dir
         with client.acquire_port(run_dir, timeout=ready_timeout) as socket_path:
             return client.run_payload(
                 # no uid or gid: the guest runs its job as the identity root bound at prepare

@@ -36,7 +36,7 @@ from blahvm.jobshare import ShareRefused, check_owned_dir, jail, mount_point, pi
 from blahvm.ledger import Entry, Ledger, LedgerError, NoCapacity, State
 from blahvm.lifecycle import static, templates
 from blahvm.lifecycle._bringup import BringUp, hand_over_socket, job_identity, make_run_dir
-from blahvm.lifecycle._common import Refusal, best_effort_dismantle, clone_pool, connect
+from blahvm.lifecycle._common import Refusal, best_effort_dismantle, clone_pool, connect, job_names
 from blahvm.lifecycle.results import PrepareResult
 from blahvm.model import Environment, Job, Outcome, SiteConfig
 
@@ -54,7 +54,7 @@ def prepare(config: SiteConfig, job: Job, *, ready_timeout: Optional[float] = DE
         if environment.guests:
             with Ledger(config.host) as ledger, connect(config) as conn:
                 return static.prepare_static(config, job, environment, ledger, conn, ready_timeout)
-        workdir = _job_workdir(job, environment)
+        workdir = _job_workdir(config, job, environment)
         golden = verify_image(environment.name, environment.image, environment.sha256, config.host.state_dir)
         with Ledger(config.host) as ledger, connect(config) as conn:
             return _Preparation(config, job, environment, golden, ledger, conn, ready_timeout, workdir).run()
@@ -92,7 +92,7 @@ class _Workdir:
     gids: tuple  # the job's primary gid, then its supplementary groups
 
 
-def _job_workdir(job: Job, environment: Environment) -> Optional[_Workdir]:
+def _job_workdir(config: SiteConfig, job: Job, environment: Environment) -> Optional[_Workdir]:
     """The job's directory, checked: absolute, an existing directory owned by the job's user.
 
     Owned, not merely writable: the share is served with the job's own rights (docs/jobfiles.md).
@@ -104,7 +104,7 @@ def _job_workdir(job: Job, environment: Environment) -> Optional[_Workdir]:
     problem = _plain_path_problem(path) or _ownership_problem(path, job) or _boot_problem(environment)
     if problem is not None:
         raise Refusal(Outcome.FAIL_JOB, f"job {job.job_id}: working directory {path!r}: {problem}")
-    identity = job_identity(job, environment)  # the same ids the guest is bound to
+    identity = job_identity(job, environment, job_names(config, job.job_id).guest)  # the ids the guest is bound to
     return _Workdir(guest_path=path, gids=share_gids(identity.gid, identity.groups))
 
 

@@ -41,12 +41,12 @@ def reap(config: SiteConfig, dry_run: bool = False) -> ReapReport:
             returned = clean_free_guests(config, conn, live, dry_run)
             # a dry run (also behind `blahvm guests`) only looks: it never makes the pool
             pool = ClonePool.find(conn, config.hypervisor.pool) if dry_run else clone_pool(config, conn)
-            orphan_volumes = _orphan_volumes((volume.name for volume in pool.list_volumes()), live, making) if pool else []
+            orphan_volumes = _orphan_volumes(config, (volume.name for volume in pool.list_volumes()), live, making) if pool else []
             orphan_run_dirs = _orphan_run_dirs(config, live, making)
             # a template maker or a restoring prepare killed midway: its scratch dir or the job's save file
             template_files = templates.leftovers(config, {entry.guest for entry in live if entry.guest})
             # a job's directory still mounted after a crash: found in /proc/self/mountinfo
-            shares = leftovers(share_root(config.host.run_dir), _owned_prefixes(live))
+            shares = leftovers(share_root(config.host.run_dir), _owned_prefixes(config, live))
             if not dry_run:
                 for name in orphans:
                     guests.destroy_and_undefine(conn, name)
@@ -104,7 +104,7 @@ def _close_dead_entries(config: SiteConfig, ledger: Ledger, conn: Connection, dr
         had_run_dir = bool(claimed.run_dir) and os.path.isdir(claimed.run_dir)
         claimed = collect(ledger, conn, claimed)  # a guest still up gives its figures; a gone one, a note
         done = take_apart(config, conn, claimed)
-        if done.guest_removed and not is_static_lease(claimed):  # a leased guest is returned, not removed
+        if done.guest_removed and not is_static_lease(config, claimed):  # a leased guest is returned, not removed
             removed[0].append(claimed.guest)
         removed[1].extend(done.volumes_removed)
         if had_run_dir and not os.path.isdir(claimed.run_dir):
@@ -128,16 +128,20 @@ def _orphan_guests(config: SiteConfig, conn: Connection, live: List[Entry], stat
     ]
 
 
-def _owned_prefixes(live: List[Entry], making: frozenset = frozenset()) -> Set[str]:
+def _owned_prefixes(config: SiteConfig, live: List[Entry], making: frozenset = frozenset()) -> Set[str]:
     # A guest's volumes all start with its name; a live entry in "reserved" has recorded none yet.
+    # Both namings count: a job prepared before names carried the installation keeps its legacy name.
     prefixes = {entry.guest for entry in live if entry.guest} | set(making)
-    prefixes.update(naming.guest_name(entry.job_id) for entry in live)
+    for entry in live:
+        prefixes.update(naming.guest_names(entry.job_id, config.host.state_dir))
     return prefixes
 
 
-def _orphan_volumes(names: Iterable[str], live: List[Entry], making: frozenset = frozenset()) -> List[str]:
+def _orphan_volumes(
+    config: SiteConfig, names: Iterable[str], live: List[Entry], making: frozenset = frozenset()
+) -> List[str]:
     owned = {volume for entry in live for volume in entry.volumes}
-    prefixes = _owned_prefixes(live, making)
+    prefixes = _owned_prefixes(config, live, making)
     return [
         name
         for name in names
@@ -152,6 +156,6 @@ def _orphan_run_dirs(config: SiteConfig, live: List[Entry], making: frozenset = 
         children = sorted(os.listdir(config.host.run_dir))
     except FileNotFoundError:
         return []
-    owned = _owned_prefixes(live, making)
+    owned = _owned_prefixes(config, live, making)
     paths = [os.path.join(config.host.run_dir, child) for child in children if child not in owned]
     return [path for path in paths if is_run_dir(config, path) and os.path.isdir(path)]

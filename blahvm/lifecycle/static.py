@@ -22,9 +22,10 @@ from blahvm.lifecycle.results import PrepareResult
 from blahvm.model import Environment, Job, Outcome, SiteConfig
 
 
-def is_static_lease(entry: Entry) -> bool:
-    """blahvm names every guest it makes after its job; any other guest in an entry is a site's, leased."""
-    return entry.guest is not None and entry.guest != naming.guest_name(entry.job_id)
+def is_static_lease(config: SiteConfig, entry: Entry) -> bool:
+    """blahvm names every guest it makes after its job and installation (or, before names carried the
+    installation, after its job alone); any other guest in an entry is a site's, leased."""
+    return entry.guest is not None and entry.guest not in naming.guest_names(entry.job_id, config.host.state_dir)
 
 
 def static_guests(config: SiteConfig) -> frozenset:
@@ -42,7 +43,7 @@ def return_clean(conn: Connection, guest: str) -> bool:
 
 def take_apart(config: SiteConfig, conn: Connection, entry: Entry) -> Dismantled:
     """What teardown and reap do with an entry's things: a leased guest is returned clean, never undefined."""
-    if not is_static_lease(entry):
+    if not is_static_lease(config, entry):
         return dismantle(config, conn, entry.guest, entry.volumes, entry.run_dir)
     stopped = return_clean(conn, entry.guest)
     dismantle(config, conn, None, entry.volumes, entry.run_dir)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Optional
+from typing import List, Optional, Tuple
 
 from blahvm.hypervisor import guests
 from blahvm.hypervisor.errors import HypervisorError, MetadataError, SpecError
 from blahvm.ledger import Ledger, LedgerError, State
-from blahvm.lifecycle._common import connect, dismantle, job_names
+from blahvm.lifecycle._common import Dismantled, all_job_names, connect, dismantle
 from blahvm.lifecycle.accounting import collect
 from blahvm.lifecycle.results import TeardownResult
 from blahvm.lifecycle.static import take_apart
@@ -28,7 +28,7 @@ def teardown(config: SiteConfig, job_id: str) -> TeardownResult:
     """
     started = time.monotonic()
     try:
-        names = job_names(config, job_id)
+        namings = all_job_names(config, job_id)  # the current names, then those before names carried the installation
         with Ledger(config.host) as ledger:
             if ledger.get(job_id) is None:
                 return TeardownResult(Outcome.OK, f"job {job_id}: no guest was ever made for it", job_id)
@@ -41,12 +41,9 @@ def teardown(config: SiteConfig, job_id: str) -> TeardownResult:
                 ledger.close(job_id, Outcome.OK, expected_version=entry.version)
                 ledger.record_timing(job_id, "teardown", time.monotonic() - started)
             else:
-                whose = _not_ours(config, conn, names.guest)
-                if whose:  # another installation's guest of the same name (reap's rule): never this teardown's
-                    dismantle(config, conn, None, (), names.run_dir)
-                    return TeardownResult(Outcome.OK, f"job {job_id}: guest {names.guest} {whose}: left alone", job_id)
-                volumes = (names.disk, names.scratch)
-                done = dismantle(config, conn, names.guest, volumes, names.run_dir)
+                done, spared = _dismantle_by_name(config, conn, namings)
+                if spared and not done.guest_removed:
+                    return TeardownResult(Outcome.OK, f"job {job_id}: {'; '.join(spared)}: left alone", job_id)
     except SpecError as error:
         return TeardownResult(Outcome.FAIL_JOB, str(error), job_id)
     except HypervisorError as error:
@@ -63,6 +60,22 @@ def teardown(config: SiteConfig, job_id: str) -> TeardownResult:
         volumes_removed=done.volumes_removed,
         seconds=seconds,
     )
+
+
+def _dismantle_by_name(config: SiteConfig, conn, namings) -> Tuple[Dismantled, List[str]]:
+    """Take apart what each naming of the job names, where no live entry records it (a crash before the
+    ledger knew, an epilogue run twice); a guest another installation made is left alone (reap's rule)."""
+    removed, volumes, spared = False, [], []
+    for names in namings:
+        whose = _not_ours(config, conn, names.guest)
+        if whose:
+            spared.append(f"guest {names.guest} {whose}")
+            dismantle(config, conn, None, (), names.run_dir)
+            continue
+        done = dismantle(config, conn, names.guest, (names.disk, names.scratch), names.run_dir)
+        removed = removed or done.guest_removed
+        volumes.extend(done.volumes_removed)
+    return Dismantled(removed, tuple(volumes)), spared
 
 
 def _not_ours(config: SiteConfig, conn, name: str) -> Optional[str]:
