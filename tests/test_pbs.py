@@ -16,11 +16,10 @@ import time
 import pytest
 
 from blahvm.batch.execution import execution_job
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from blahvm.batch import pbs
-from blahvm.config import parse_config
 from blahvm.model import Job, Rejection, Submission
 from blahvm.quantities import Duration, Size
 from tests import pbs_harness

@@ -34,7 +34,7 @@ import os
 import shutil
 import socket
 import time
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import attrs
 
