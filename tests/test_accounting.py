@@ -221,7 +221,8 @@ BURN = ('while :; do set -- $(cat /proc/$$/stat); t=$((${14}+${15}+${16}+${17}))
 COUNT = "i=0; while [ $i -lt 30 ]; do echo $i; i=$((i+1)); sleep 0.1; done; exit 3"
 # A job starter as a batch system runs it: its own process, which the test stops and continues.
 STARTER = ("import sys; from blahvm.lifecycle import launch; from blahvm.model import Decision, HostConfig, Job, "
-           "SiteConfig; run_dir, job_id = sys.argv[1:]; config = SiteConfig(host=HostConfig(run_dir=run_dir)); "
+           "SiteConfig; run_dir, state_dir, job_id = sys.argv[1:]; "
+           "config = SiteConfig(host=HostConfig(run_dir=run_dir, state_dir=state_dir)); "
            "job = Job(job_id=job_id, user='nobody', decision=Decision('q', 'demo', 'r', None, 1, 1)); "
            f"sys.exit(launch(config, job, ['sh', '-c', {COUNT!r}]))")
 
@@ -290,7 +291,8 @@ def test_real_guest_pauses_with_its_job_and_its_usage_is_accounted(demo_image):
             print(f"paused with {lines_out} of 30 lines out; no line and no vcpu time for 3 s")
 
             # follow: the starter stopped as a batch system stops it, the guest pauses; continued, it runs
-            starter = subprocess.Popen([sys.executable, "-c", STARTER, config.host.run_dir, job.job_id],
+            starter = subprocess.Popen([sys.executable, "-c", STARTER, config.host.run_dir, config.host.state_dir,
+                                            job.job_id],
                                        stdout=subprocess.PIPE)
             followed = []
             follower = threading.Thread(target=lambda: followed.append(follow(config, job.job_id, [starter.pid])))
