@@ -52,7 +52,7 @@ def test_a_version_2_ledger_is_migrated_and_keeps_its_entries(tmp_path):
         assert old.job_id == "old.1" and old.consumed == Consumed()
         assert ledger.record_usage("old.1", Consumed(cpu_seconds=1.5, disk_write=7))
         assert ledger.get("old.1").consumed == Consumed(cpu_seconds=1.5, disk_write=7)
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == database.SCHEMA_VERSION == 3
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == database.SCHEMA_VERSION == 4
 
 
 def test_usage_is_recorded_on_the_latest_run_and_closed_runs_are_listed_since_a_time(tmp_path):

@@ -104,7 +104,7 @@ def test_prepare_records_the_job_and_teardown_frees_its_slot(site):
 
     assert as_json(blahvm("capacity", "--config", site, "--json")) == {
         "guests_free": 1, "guests_total": 2, "memory_free": "768MiB", "memory_total": "1GiB",
-        "vcpus_free": 3, "vcpus_total": 4, "environments": ["demo"],
+        "vcpus_free": 3, "vcpus_total": 4, "environments": ["demo"], "queue_slots_free": {},
     }
     done = blahvm("teardown", "--config", site, "--job-id", "1.srv")
     assert done.returncode == 0 and done.stdout == "" and done.stderr.startswith("blahvm: job 1.srv:")

@@ -123,6 +123,55 @@ def test_a_full_host_refuses_and_names_what_is_exhausted(tmp_path, limits, reque
         assert ledger.usage().guests == 1
 
 
+def test_a_queue_at_its_slots_per_host_refuses_and_names_the_queue(ledger):
+    short = dict(queue="short", queue_slots=2)
+    first = ledger.reserve("1", "alice", "cms", "slc4", GiB, 1, **short)
+    ledger.reserve("2", "alice", "cms", "slc4", GiB, 1, **short)
+    assert first.queue == "short" and ledger.get("1").queue == "short"
+    with pytest.raises(NoCapacity) as refused:
+        ledger.reserve("3", "bob", "cms", "slc4", GiB, 1, **short)
+    assert refused.value.resource == "slots of queue short" and refused.value.ever_fits
+    assert str(refused.value) == "no capacity on this host: slots of queue short exhausted (1 requested, 0 free of 2)"
+    assert pickle.loads(pickle.dumps(refused.value)).resource == "slots of queue short"
+    assert ledger.get("3") is None
+    assert ledger.reserve("2", "alice", "cms", "slc4", GiB, 1, **short).id == ledger.get("2").id  # a re-run: its own
+    assert ledger.reserve("3", "bob", "cms", "slc4", GiB, 1, queue="long", queue_slots=1).queue == "long"
+    ledger.close("1", Outcome.OK)
+    assert ledger.reserve("4", "bob", "cms", "slc4", GiB, 1, **short).queue == "short"  # a closed entry frees its slot
+
+
+def test_entries_of_other_queues_or_of_no_queue_do_not_count(ledger):
+    ledger.reserve("old", "alice", "cms", "slc4", GiB, 1)  # as an older blahvm reserved: no queue
+    ledger.reserve("l", "alice", "cms", "slc4", GiB, 1, queue="long")  # long sets no slots_per_host
+    assert ledger.get("old").queue is None
+    assert ledger.reserve("s", "alice", "cms", "slc4", GiB, 1, queue="short", queue_slots=1).slot == 2
+    with pytest.raises(ValueError, match="queue_slots needs the queue"):
+        ledger.reserve("x", "alice", "cms", "slc4", GiB, 1, queue_slots=1)
+    with pytest.raises(ValueError, match="queue must be a non-empty string"):
+        ledger.reserve("x", "alice", "cms", "slc4", GiB, 1, queue="")
+
+
+def test_a_version_3_ledger_is_migrated_and_its_entries_count_in_no_queue(tmp_path):
+    from blahvm.ledger import database
+
+    state = tmp_path / "state"
+    state.mkdir()
+    db = sqlite3.connect(str(state / database.FILENAME), isolation_level=None)
+    for version in (0, 1, 2):  # exactly what a blahvm of schema 3 made
+        database.MIGRATIONS[version](db)
+    db.execute("PRAGMA user_version = 3")
+    db.execute("INSERT INTO entries (job_id, slot, state, user, vo, environment, memory, vcpus, steps, created,"
+               " updated, version) VALUES ('old.1', 0, 'running', 'u', 'cms', 'slc4', 1, 1,"
+               " '[[\"reserved\", 10.0]]', 10.0, 10.0, 1)")
+    db.close()
+    with Ledger(host_in(state, max_guests=3)) as ledger:
+        (old,) = ledger.live()
+        assert old.job_id == "old.1" and old.queue is None and old.state is State.RUNNING
+        assert ledger.reserve("new.1", "u", None, "slc4", 1, 1, queue="short", queue_slots=1).slot == 1
+        assert ledger.close("old.1", Outcome.OK)
+    assert sqlite3.connect(str(state / database.FILENAME)).execute("PRAGMA user_version").fetchone()[0] == 4
+
+
 def test_a_request_larger_than_the_whole_host_says_so(tmp_path):
     with Ledger(host_in(tmp_path, memory=4 * GiB)) as ledger:
         with pytest.raises(NoCapacity) as refused:
@@ -477,11 +526,11 @@ def test_an_io_error_is_not_called_a_damaged_ledger(tmp_path):
 # -- concurrency and crashes ------------------------------------------------------------------------
 
 
-def _reserve_after_barrier(host, job_id, memory, vcpus, barrier, results):
+def _reserve_after_barrier(host, job_id, memory, vcpus, barrier, results, queue=None, queue_slots=None):
     barrier.wait()
     try:
         with Ledger(host) as ledger:
-            entry = ledger.reserve(job_id, "alice", "cms", "slc4", memory, vcpus)
+            entry = ledger.reserve(job_id, "alice", "cms", "slc4", memory, vcpus, queue=queue, queue_slots=queue_slots)
         results.put((job_id, "ok", entry.slot))
     except NoCapacity as refused:
         results.put((job_id, "full", refused.resource))
@@ -489,11 +538,11 @@ def _reserve_after_barrier(host, job_id, memory, vcpus, barrier, results):
         results.put((job_id, "error", repr(error)))
 
 
-def _race(host, processes, memory, vcpus):
+def _race(host, processes, memory, vcpus, queue=None, queue_slots=None):
     barrier, results = FORK.Barrier(processes), FORK.Queue()
     children = [
         FORK.Process(
-            target=_reserve_after_barrier, args=(host, str(n), memory, vcpus, barrier, results)
+            target=_reserve_after_barrier, args=(host, str(n), memory, vcpus, barrier, results, queue, queue_slots)
         )
         for n in range(processes)
     ]
@@ -522,6 +571,16 @@ def test_concurrent_prologues_never_over_commit(tmp_path, limits, memory, vcpus,
     assert {o[2] for o in outcomes if o[1] == "full"} == {exhausted}
     with Ledger(host) as ledger:
         assert ledger.usage() == Usage(guests=3, memory=Size(3 * memory), vcpus=3 * vcpus)
+
+
+def test_concurrent_prologues_never_over_commit_a_queues_slots_per_host(tmp_path):
+    host = host_in(tmp_path / "fresh", max_guests=12)  # the host has room: the queue is the limit
+    outcomes = _race(host, 10, GiB, 1, queue="short", queue_slots=3)
+    assert [o for o in outcomes if o[1] == "error"] == []
+    assert sorted(o[2] for o in outcomes if o[1] == "ok") == [0, 1, 2]
+    assert {o[2] for o in outcomes if o[1] == "full"} == {"slots of queue short"}
+    with Ledger(host) as ledger:
+        assert [entry.queue for entry in ledger.live()] == ["short"] * 3
 
 
 def _wipe_without_committing(host, holding):

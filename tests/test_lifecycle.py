@@ -10,6 +10,7 @@ import sys
 import tempfile
 import uuid
 
+import attrs
 import pytest
 
 from blahvm import jobshare
@@ -27,7 +28,7 @@ from blahvm.lifecycle import (
     reap,
     teardown,
 )
-from blahvm.model import Decision, Environment, HostConfig, HypervisorConfig, Job, Outcome, SiteConfig
+from blahvm.model import Decision, Environment, HostConfig, HypervisorConfig, Job, Outcome, Queue, SiteConfig
 from blahvm.quantities import Size
 
 pytest.importorskip("libvirt")
@@ -173,6 +174,29 @@ def test_slot_accounting_retry_when_full_fail_when_never_fits(tmp_path, golden, 
     )
     never = prepare(huge, make_job("c", memory=1024 * MiB), ready_timeout=None)
     assert never.outcome is Outcome.FAIL_JOB and "offers only" in never.message
+    assert_nothing_left(config, keep_driver)
+
+
+def test_a_queues_slots_per_host_limits_its_live_guests_on_the_host(tmp_path, golden, keep_driver):
+    config = attrs.evolve(make_config(tmp_path, golden, max_guests=3),
+                          queues={"short": Queue("short", slots_per_host=1), "long": Queue("long")})
+    in_long = attrs.evolve(make_job("c"), decision=attrs.evolve(make_job("c").decision, queue="long"))
+    assert capacity(config).queues == (("short", 1),)
+    assert prepare(config, make_job("a"), ready_timeout=None).outcome is Outcome.OK
+    assert [entry.queue for entry in live_entries(config)] == ["short"]
+    full = capacity(config)
+    assert full.queues == (("short", 0),) and "queue slots free: short 0" in full.message
+    assert full.guests == 2 and full.environments == ("demo",)  # the host has room: the queue has none
+    busy = prepare(config, make_job("b"), ready_timeout=None)
+    assert busy.outcome is Outcome.RETRY_ELSEWHERE
+    assert busy.message == "no capacity on this host: slots of queue short exhausted (1 requested, 0 free of 1)"
+    assert [entry.job_id for entry in live_entries(config)] == ["a"]
+    assert prepare(config, in_long, ready_timeout=None).outcome is Outcome.OK  # another queue is not limited
+    assert prepare(config, make_job("a"), ready_timeout=None).reused  # a re-run keeps its own slot
+    teardown(config, "a")
+    assert prepare(config, make_job("b"), ready_timeout=None).outcome is Outcome.OK
+    for job_id in ("b", "c"):
+        teardown(config, job_id)
     assert_nothing_left(config, keep_driver)
 
 

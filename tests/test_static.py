@@ -10,13 +10,14 @@ import subprocess
 import tempfile
 import uuid
 
+import attrs
 import pytest
 
 from blahvm.hypervisor import guests, snapshots
 from blahvm.hypervisor.connection import open_connection
 from blahvm.ledger import Ledger, LedgerError, NoCapacity, State
 from blahvm.lifecycle import capacity, launch, prepare, reap, teardown
-from blahvm.model import Decision, Environment, HostConfig, HypervisorConfig, Job, Outcome, SiteConfig
+from blahvm.model import Decision, Environment, HostConfig, HypervisorConfig, Job, Outcome, Queue, SiteConfig
 from blahvm.quantities import Size
 
 pytest.importorskip("libvirt")
@@ -156,6 +157,19 @@ def test_prepare_leases_free_guests_in_order_then_retries_elsewhere(tmp_path, te
     assert capacity(config).environments == ()
     again = prepare(config, make_job("1"), ready_timeout=None)
     assert again.reused and again.guest == first
+
+
+def test_a_lease_counts_in_its_queues_slots_per_host(tmp_path, test_site):
+    conn, (first, second, _) = test_site
+    config = attrs.evolve(make_config(str(tmp_path), [first, second]), queues={"short": Queue("short", slots_per_host=1)})
+    assert prepare(config, make_job("1"), ready_timeout=None).guest == first
+    refused = prepare(config, make_job("2"), ready_timeout=None)  # a guest is free, the queue's slot is not
+    assert refused.outcome is Outcome.RETRY_ELSEWHERE and "slots of queue short exhausted" in refused.message
+    with Ledger(config.host) as ledger:
+        assert [(entry.job_id, entry.queue) for entry in ledger.live()] == [("1", "short")]
+    assert teardown(config, "1").outcome is Outcome.OK
+    assert prepare(config, make_job("2"), ready_timeout=None).outcome is Outcome.OK
+    assert teardown(config, "2").outcome is Outcome.OK
 
 
 def test_teardown_returns_the_guest_clean_and_defined(tmp_path, test_site):

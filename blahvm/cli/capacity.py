@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
             "memory_free": _shown(free.memory), "memory_total": _shown(host.memory),
             "vcpus_free": free.vcpus, "vcpus_total": host.vcpus,
             "environments": list(free.environments),
+            "queue_slots_free": dict(free.queues),
         }, sys.stdout)
         sys.stdout.write("\n")
     else:
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"memory  {_of(free.memory, host.memory)}")
         print(f"vcpus   {_of(free.vcpus, host.vcpus)}")
         print(f"fits now: {', '.join(free.environments) or 'none'}")
+        if free.queues:
+            print("queue slots free: " + ", ".join(f"{name} {count}" for name, count in free.queues))
     return exit_code(free.outcome)
 
 

@@ -27,6 +27,12 @@ def check_fits(host: HostConfig, usage: Usage, memory: Size, vcpus: int) -> None
     _check("vcpus", vcpus, free.vcpus, host.vcpus)
 
 
+def check_queue_fits(queue: str, slots: Optional[int], held: int) -> None:
+    """Raise ``NoCapacity`` naming ``queue`` when its live guests on this host (``held``) already reach ``slots``."""
+    if slots is not None:
+        _check(f"slots of queue {queue}", 1, max(0, slots - held), slots)
+
+
 def _check(resource: str, requested: int, free: Optional[int], total: Optional[int]) -> None:
     if free is not None and total is not None and requested > free:
         raise NoCapacity(resource, requested, free, total)

@@ -13,7 +13,7 @@ from typing import Callable, Dict
 from blahvm.ledger.errors import LedgerBusy, LedgerError
 
 FILENAME = "ledger.sqlite"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA_V1 = """
 CREATE TABLE entries (
@@ -70,12 +70,18 @@ def _usage_columns(db: sqlite3.Connection) -> None:
         db.execute(f"ALTER TABLE entries ADD COLUMN {column}")
 
 
+def _queue_column(db: sqlite3.Connection) -> None:
+    # The queue the job was routed to, for its slots_per_host: NULL in entries made before (no queue counts them).
+    db.execute("ALTER TABLE entries ADD COLUMN queue TEXT")
+
+
 # MIGRATIONS[n] brings a ledger from schema version n to n + 1, inside the caller's transaction.
 # To change the schema: add MIGRATIONS[SCHEMA_VERSION] and increment SCHEMA_VERSION.
 MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {
     0: _create_v1,
     1: _unique_live_guest,
     2: _usage_columns,
+    3: _queue_column,
 }
 
 

@@ -89,6 +89,7 @@ class Entry:
     closed: Optional[float] = None
     version: int = 1
     consumed: Consumed = Consumed()
+    queue: Optional[str] = None  # the queue the job was routed to; None for entries of an older blahvm
 
     @property
     def live(self) -> bool:

@@ -18,7 +18,7 @@ class NoCapacity(LedgerError):
     """
 
     def __init__(self, resource: str, requested: int, free: int, total: int) -> None:
-        self.resource = resource  # "guests", "memory", "vcpus" or "static guests"
+        self.resource = resource  # "guests", "memory", "vcpus", "static guests" or "slots of queue Q"
         self.requested = requested
         self.free = free
         self.total = total

@@ -14,7 +14,7 @@ LIVE = "state != 'closed'"
 _COLUMNS = (
     "id, job_id, slot, state, user, vo, environment, memory, vcpus, guest, volumes, run_dir, "
     "pid, pid_start, steps, timings, outcome, reason, created, updated, closed, version, "
-    "cpu_seconds, vcpu_seconds, max_memory, disk_read, disk_write, usage_note"
+    "cpu_seconds, vcpu_seconds, max_memory, disk_read, disk_write, usage_note, queue"
 )
 
 
@@ -37,6 +37,7 @@ def _entry(row: sqlite3.Row) -> Entry:
         user=row["user"],
         vo=row["vo"],
         environment=row["environment"],
+        queue=row["queue"],
         memory=Size(row["memory"]),
         vcpus=row["vcpus"],
         guest=row["guest"],

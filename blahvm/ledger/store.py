@@ -9,7 +9,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 from blahvm.ledger import arguments, database, rows
 from blahvm.ledger.arguments import States
-from blahvm.ledger.capacity import check_fits, free_capacity, free_guest, lowest_free_slot
+from blahvm.ledger.capacity import check_fits, check_queue_fits, free_capacity, free_guest, lowest_free_slot
 from blahvm.ledger.entries import Capacity, Consumed, Entry, State, Usage, may_follow
 from blahvm.ledger.processes import process_start_time
 from blahvm.model import HostConfig, Outcome
@@ -67,6 +67,8 @@ class Ledger:
         vcpus: int,
         pid: Optional[int] = None,
         lease: Sequence[str] = (),
+        queue: Optional[str] = None,
+        queue_slots: Optional[int] = None,
     ) -> Entry:
         """Take the lowest free slot for ``job_id``, owned by ``pid`` (default: this process).
 
@@ -76,6 +78,10 @@ class Ledger:
 
         With ``lease`` (a static environment's guest names), the entry also takes the first of them
         that no live entry holds, recorded as its ``guest``; ``NoCapacity`` when all are held.
+
+        ``queue`` (the queue the job was routed to) is recorded in the entry; with ``queue_slots``
+        (that queue's ``slots_per_host``), ``NoCapacity`` naming the queue when that many live
+        entries of the queue are already on this host.
         """
         arguments.require_text("job_id", job_id)
         arguments.require_text("user", user)
@@ -87,18 +93,26 @@ class Ledger:
         pid = os.getpid() if pid is None else arguments.require_count("pid", pid, int)
         pid_start = process_start_time(pid)
         lease = arguments.guest_names(lease)
+        if queue is not None:
+            arguments.require_text("queue", queue)
+        if queue_slots is not None:
+            if queue is None:
+                raise ValueError("queue_slots needs the queue it limits")
+            queue_slots = arguments.require_count("queue_slots", queue_slots, int)
         with self._write() as db:
             existing = rows.select_one(db, f"WHERE job_id = ? AND {rows.LIVE}", (job_id,))
             if existing is not None:
                 return existing
-            live = db.execute(f"SELECT slot, memory, vcpus, guest FROM entries WHERE {rows.LIVE}").fetchall()
+            live = db.execute(f"SELECT slot, memory, vcpus, guest, queue FROM entries WHERE {rows.LIVE}").fetchall()
             check_fits(self.host, rows.sum_usage(live), memory, vcpus)
+            if queue_slots is not None:
+                check_queue_fits(queue, queue_slots, sum(1 for row in live if row["queue"] == queue))
             guest = free_guest(lease, (row["guest"] for row in live)) if lease else None
             now = self._clock()
             cursor = db.execute(
                 "INSERT INTO entries (job_id, slot, state, user, vo, environment, memory, vcpus,"
-                " guest, pid, pid_start, steps, created, updated, version)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " guest, pid, pid_start, steps, created, updated, version, queue)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     job_id,
                     lowest_free_slot(row["slot"] for row in live),
@@ -115,6 +129,7 @@ class Ledger:
                     now,
                     now,
                     rows.next_version(db),
+                    queue,
                 ),
             )
             return rows.select_one(db, "WHERE id = ?", (cursor.lastrowid,))

@@ -99,6 +99,12 @@ def _names(config: SiteConfig, guest: str) -> JobNames:
     )
 
 
+def queue_slots(config: SiteConfig, queue: str) -> Optional[int]:
+    """The ``slots_per_host`` of ``queue`` in this host's config; None when it sets none (or the queue is not there)."""
+    found = config.queues.get(queue)
+    return None if found is None else found.slots_per_host
+
+
 def connect(config: SiteConfig) -> Connection:
     return open_connection(config.hypervisor.uri, timeout=float(config.hypervisor.timeout))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Tuple
+
 from blahvm.ledger import Ledger, LedgerError
 from blahvm.lifecycle.results import Capacity
 from blahvm.lifecycle.static import free_count
@@ -9,9 +11,11 @@ from blahvm.model import Environment, Outcome, SiteConfig
 
 
 def capacity(config: SiteConfig) -> Capacity:
-    """Free guests, memory and vcpus, and which environments one more guest of would fit now.
+    """Free guests, memory and vcpus, which environments one more guest of would fit now, and the
+    free slots of each queue with a ``slots_per_host``.
 
-    A static environment fits only while one of its guests is free.
+    A static environment fits only while one of its guests is free. A job routed to a queue with no
+    free slot is refused here whatever its environment.
     """
     try:
         with Ledger(config.host) as ledger:
@@ -26,7 +30,19 @@ def capacity(config: SiteConfig) -> Capacity:
     message = f"{free.guests} guests free; fits now: {', '.join(fitting) or 'none'}"
     if leasable:
         message += "; static guests free: " + ", ".join(f"{name} {count}" for name, count in sorted(leasable.items()))
-    return Capacity(Outcome.OK, message, free.guests, free.memory, free.vcpus, fitting)
+    queues = _queue_room(config, live)
+    if queues:
+        message += "; queue slots free: " + ", ".join(f"{name} {count}" for name, count in queues)
+    return Capacity(Outcome.OK, message, free.guests, free.memory, free.vcpus, fitting, queues)
+
+
+def _queue_room(config: SiteConfig, live) -> Tuple[Tuple[str, int], ...]:
+    """(queue, free slots on this host) for each queue with a ``slots_per_host``, by name."""
+    return tuple(
+        (name, max(0, queue.slots_per_host - sum(1 for entry in live if entry.queue == name)))
+        for name, queue in sorted(config.queues.items())
+        if queue.slots_per_host is not None
+    )
 
 
 def _fits(free, environment: Environment) -> bool:

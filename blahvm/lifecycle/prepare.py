@@ -36,7 +36,7 @@ from blahvm.jobshare import ShareRefused, check_owned_dir, jail, mount_point, pi
 from blahvm.ledger import Entry, Ledger, LedgerError, NoCapacity, State
 from blahvm.lifecycle import static, templates
 from blahvm.lifecycle._bringup import BringUp, hand_over_socket, job_identity, make_run_dir
-from blahvm.lifecycle._common import Refusal, best_effort_dismantle, clone_pool, connect, job_names
+from blahvm.lifecycle._common import Refusal, best_effort_dismantle, clone_pool, connect, job_names, queue_slots
 from blahvm.lifecycle.results import PrepareResult
 from blahvm.model import Environment, Job, Outcome, SiteConfig
 
@@ -149,7 +149,8 @@ class _Preparation(BringUp):
         decision = self.job.decision
         try:
             return self.ledger.reserve(
-                self.job.job_id, self.job.user, decision.vo, decision.environment, decision.memory, decision.vcpus
+                self.job.job_id, self.job.user, decision.vo, decision.environment, decision.memory, decision.vcpus,
+                queue=decision.queue, queue_slots=queue_slots(self.config, decision.queue),
             )
         except NoCapacity as error:
             outcome = Outcome.RETRY_ELSEWHERE if error.ever_fits else Outcome.FAIL_JOB

@@ -67,3 +67,4 @@ class Capacity:
     memory: Optional[Size] = None
     vcpus: Optional[int] = None
     environments: Tuple[str, ...] = ()  # environments one more guest of which fits now
+    queues: Tuple[Tuple[str, int], ...] = ()  # (queue, free slots) of each queue with a slots_per_host, by name

@@ -17,7 +17,7 @@ from blahvm.hypervisor.connection import Connection
 from blahvm.hypervisor.errors import HypervisorError
 from blahvm.ledger import Entry, Ledger, NoCapacity, State
 from blahvm.lifecycle._bringup import BringUp, hand_over_socket, make_run_dir
-from blahvm.lifecycle._common import Dismantled, Refusal, dismantle
+from blahvm.lifecycle._common import Dismantled, Refusal, dismantle, queue_slots
 from blahvm.lifecycle.results import PrepareResult
 from blahvm.model import Environment, Job, Outcome, SiteConfig
 
@@ -93,10 +93,11 @@ class _Lease(BringUp):
                 f"environment {self.environment.name} has no guest to lease on this host: "
                 + "; ".join(problems.values()),
             )
-        env = self.environment
+        env, decision = self.environment, self.job.decision
         try:  # the guest's footprint is the environment's shape, whatever the job asked for
             return self.ledger.reserve(
-                self.job.job_id, self.job.user, self.job.decision.vo, env.name, env.memory, env.vcpus, lease=leasable
+                self.job.job_id, self.job.user, decision.vo, env.name, env.memory, env.vcpus, lease=leasable,
+                queue=decision.queue, queue_slots=queue_slots(self.config, decision.queue),
             )
         except NoCapacity as error:
             if error.resource == "static guests":
