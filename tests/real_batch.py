@@ -9,7 +9,8 @@ reason (not built, not root) is a failure of the set-up there.
 from __future__ import annotations
 
 import os
-from typing import Optional
+import subprocess
+from typing import List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("BLAHVM_BATCH_SYSTEMS") or os.path.realpath(os.path.join(ROOT, "..", "shared",
@@ -27,3 +28,24 @@ def unavailable(driver: str, built: str, what: str) -> Optional[str]:
     if not os.path.exists(built):
         return f"{what} is not built ({built} missing): run scripts/setup-batch-systems"
     return None
+
+
+# -- the test site's libvirt leftovers ------------------------------------------------------------
+
+
+def virsh(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True)
+
+
+def guests_of_pool(pool: str) -> List[str]:
+    """The blahvm guests whose disks are in the test site's ``pool``: that site's, whatever made them."""
+    return [name for name in virsh("list", "--all", "--name").stdout.split()
+            if name.startswith("blahvm-") and pool in virsh("dumpxml", name).stdout]
+
+
+def remove_pool_and_its_guests(pool: str) -> None:
+    for name in guests_of_pool(pool):
+        virsh("destroy", name)
+        virsh("undefine", name)
+    virsh("pool-destroy", pool)
+    virsh("pool-undefine", pool)

@@ -19,16 +19,12 @@ import pytest
 import yaml
 
 from tests.lava_cluster import BINDIR, ENVDIR, Lava, available
-from tests.real_batch import SUBMIT_USER
+from tests.real_batch import SUBMIT_USER, remove_pool_and_its_guests, virsh
 
 pytestmark = pytest.mark.guest
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # every user runs the esub and the starter; the venv's lives under /root
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
-
-
-def _virsh(*args):
-    return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +92,7 @@ def lava(demo_image):
         # waits on mbatchd for minutes); no esub is left to refuse other people's bsub.
         cluster.driver("install-esub", "--remove")
         cluster.driver("down", check=False)
-        for name in _virsh("list", "--all", "--name").stdout.split():
-            if name.startswith("blahvm-") and pool in _virsh("dumpxml", name).stdout:
-                _virsh("destroy", name)
-                _virsh("undefine", name)
-        _virsh("pool-destroy", pool)
-        _virsh("pool-undefine", pool)
+        remove_pool_and_its_guests(pool)
         shutil.rmtree(directory, ignore_errors=True)
         shutil.rmtree(config["host"]["run_dir"], ignore_errors=True)
 
@@ -127,7 +118,7 @@ def _output(path: str) -> str:
 
 def _nothing_left(lava):
     site = lava.site
-    volumes = _virsh("vol-list", site["pool"]).stdout
+    volumes = virsh("vol-list", site["pool"]).stdout
     assert ".qcow2" not in volumes, volumes
     assert not os.path.isdir(site["run_dir"]) or os.listdir(site["run_dir"]) == []
     from blahvm.config import load_config

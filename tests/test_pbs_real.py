@@ -18,16 +18,13 @@ import pytest
 import yaml
 
 from tests.openpbs_cluster import HOME, PREFIX, OpenPBS, available, job_user
+from tests.real_batch import guests_of_pool, remove_pool_and_its_guests, virsh
 
 pytestmark = pytest.mark.guest
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # OpenPBS hooks run on it; the job starter runs as every job's user
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 OTHER_MEMORY_MIB = 384  # environment "other": the demo image with more memory than "vm" (256 MiB)
-
-
-def _virsh(*args):
-    return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +114,7 @@ def openpbs(demo_image):
         with open(sched_config, "wb") as stream:
             stream.write(scheduler_was)
         cluster.driver("down", check=False)
-        for name in _virsh("list", "--all", "--name").stdout.split():
-            if name.startswith("blahvm-") and pool in _virsh("dumpxml", name).stdout:
-                _virsh("destroy", name)
-                _virsh("undefine", name)
-        _virsh("pool-destroy", pool)
-        _virsh("pool-undefine", pool)
+        remove_pool_and_its_guests(pool)
         shutil.rmtree(directory, ignore_errors=True)
         shutil.rmtree(config["host"]["run_dir"], ignore_errors=True)
 
@@ -146,13 +138,11 @@ def _live(pbs):
 
 def _nothing_left(pbs):
     site = pbs.site
-    volumes = _virsh("vol-list", site["pool"]).stdout
+    volumes = virsh("vol-list", site["pool"]).stdout
     assert ".qcow2" not in volumes, volumes
     assert not os.path.isdir(site["run_dir"]) or os.listdir(site["run_dir"]) == []
     assert _live(pbs) == [], _log(pbs)
-    domains = [name for name in _virsh("list", "--all", "--name").stdout.split()
-               if name.startswith("blahvm-") and site["pool"] in _virsh("dumpxml", name).stdout]
-    assert domains == []
+    assert guests_of_pool(site["pool"]) == []
 
 
 def _submit(pbs, name, args, input=None):
