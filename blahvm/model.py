@@ -26,6 +26,7 @@ class Outcome(enum.Enum):
 FLAVOURS = ("kvm", "xen-pv", "xen-hvm")
 CLONE_METHODS = ("overlay", "copy")
 START_METHODS = ("auto", "boot")  # auto: from a saved post-boot state where one is usable, else boot
+CONTEXTS = ("none", "cloud-init")  # cloud-init: a per-job NoCloud seed contextualises a stock image
 DOMAIN_TYPES = ("auto", "kvm", "qemu")
 
 
@@ -103,6 +104,10 @@ class Environment:
     guests: Tuple[str, ...] = ()  # static environment: pre-defined guests to lease
     allow_root: bool = False  # the payload may ask to run as root in its guest (docs/security.md)
     start: str = "boot"  # one of START_METHODS (docs/performance.md, "Starting from a saved state")
+    context: str = "none"  # one of CONTEXTS (docs/images.md, "Using a stock cloud image")
+    # the site's cloud-config additions to every job's seed: canonical JSON (blahvm.config.cloud_config)
+    user_data: Optional[str] = None
+    ready_timeout: Optional[Duration] = None  # start to the agent's answer; None: the lifecycle's default
 
 
 @attrs.frozen

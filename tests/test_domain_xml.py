@@ -108,6 +108,14 @@ CASES = {
         agent_sockets=(RUN + "/agent.0.sock",),
     ),
     "xen-hvm": spec(flavour="xen-hvm", agent_sockets=(RUN + "/agent.0.sock",)),
+    "kvm-cloud-init-seed": spec(  # a stock cloud image: boots its own kernel, cloud-init reads the seed
+        flavour="kvm",
+        domain_type="qemu",
+        disks=(DiskSpec("/var/lib/blahvm/clones/a.qcow2", backing=BackingFile("/var/lib/blahvm/images/d.qcow2")),),
+        seed="/var/lib/blahvm/clones/a-seed.iso",
+        agent_sockets=(RUN + "/agent.0.sock",),
+        control_socket=RUN + ".ctl",
+    ),
     "kvm-tcg-workdir-share": spec(
         flavour="kvm",
         domain_type="qemu",

@@ -19,7 +19,7 @@ from tests.test_lsf import SITE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYSTEM_PYTHON = "/usr/bin/python3"
-DEPENDENCIES = ("attrs", "PyYAML", "libvirt-python")
+DEPENDENCIES = ("attrs", "PyYAML", "libvirt-python", "pycdlib")
 SKIP = {".git", ".venv", "build", "dist", "__pycache__", ".hypothesis", ".pytest_cache"}
 
 

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     from blahvm.cli.submission import BadSubmission, account_of, submission_from_args
     from blahvm.config import load_config
-    from blahvm.lifecycle import DEFAULT_READY_TIMEOUT, prepare
+    from blahvm.lifecycle import FROM_ENVIRONMENT, prepare
     from blahvm.model import Job
     from blahvm.routing.engine import route
 
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     job = Job(job_id=args.job_id, user=args.user, decision=decision, uid=account.pw_uid, gid=account.pw_gid,
               name=args.name)
-    result = prepare(config, job, ready_timeout=None if args.no_wait else DEFAULT_READY_TIMEOUT)
+    result = prepare(config, job, ready_timeout=None if args.no_wait else FROM_ENVIRONMENT)
     if not result.reused:
         for phase, seconds in result.timings:
             step(f"job {args.job_id}: {phase}", seconds)

@@ -7,7 +7,8 @@ from typing import Any, Dict
 import attrs
 import yaml
 
-from blahvm.model import Predicate, SiteConfig
+from blahvm.config.cloud_config import additions
+from blahvm.model import Environment, Predicate, SiteConfig
 from blahvm.quantities import Duration, Size
 
 
@@ -39,6 +40,13 @@ def _predicate(predicate: Predicate) -> Any:
     return predicate.describe()
 
 
+def _environment(environment: Environment) -> Dict[str, Any]:
+    fields = _fields(environment, ("name",))
+    if "user_data" in fields:  # kept as canonical JSON text, written as the mapping it was read from
+        fields["user_data"] = additions(environment.user_data)
+    return fields
+
+
 def dump_config(config: SiteConfig) -> str:
     document: Dict[str, Any] = {}
     for section in ("hypervisor", "host", "defaults"):
@@ -47,7 +55,7 @@ def dump_config(config: SiteConfig) -> str:
             document[section] = fields
     if config.vo_mapping:
         document["vo_mapping"] = [{rule.field: rule.pattern} for rule in config.vo_mapping]
-    document["environments"] = {name: _fields(env, ("name",)) for name, env in config.environments.items()}
+    document["environments"] = {name: _environment(env) for name, env in config.environments.items()}
     document["queues"] = {name: _fields(queue, ("name",)) for name, queue in config.queues.items()}
     routes = []
     for route in config.routes:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+from blahvm.config.cloud_config import read_user_data
 from blahvm.config.problems import Problems, did_you_mean
 from blahvm.config.source import Path
 from blahvm.model import (
     CLONE_METHODS,
+    CONTEXTS,
     START_METHODS,
     DOMAIN_TYPES,
     FLAVOURS,
@@ -265,6 +267,9 @@ ENVIRONMENT_FIELDS = {
     "guests": read_list_of(read_name),
     "allow_root": read_bool,
     "start": read_choice(*START_METHODS),
+    "context": read_choice(*CONTEXTS),
+    "user_data": lambda problems, path, value: _or_invalid(read_user_data(problems, path, value)),
+    "ready_timeout": read_hypervisor_timeout,
 }
 
 QUEUE_FIELDS = {
@@ -282,6 +287,10 @@ ROUTE_FIELDS = {
 }
 
 
+def _or_invalid(value: Any) -> Any:
+    return INVALID if value is None else value
+
+
 def read_environment(problems: Problems, path: Path, name: str, value: Any) -> Any:
     fields = read_fields(problems, path, value, ENVIRONMENT_FIELDS, ("image", "flavour", "memory", "vcpus"))
     if fields is None or not {"image", "flavour", "memory", "vcpus"} <= fields.keys():
@@ -290,6 +299,11 @@ def read_environment(problems: Problems, path: Path, name: str, value: Any) -> A
         problems.add(path + ("initrd",), "an initrd needs a kernel")
     if "bootloader" in fields and ("kernel" in fields or fields["flavour"] != "xen-pv"):
         problems.add(path + ("bootloader",), "a bootloader is for xen-pv guests without a kernel")
+    contextualised = fields.get("context") == "cloud-init"
+    if isinstance(value, dict) and "user_data" in value and not contextualised:
+        problems.add(path + ("user_data",), "user_data is for environments with context: cloud-init")
+    if contextualised and fields.get("guests"):
+        problems.add(path + ("context",), "a static guest is not made for each job: it takes no per-job seed")
     return Environment(name=name, **fields)
 
 

@@ -59,6 +59,8 @@ def _devices(flavour: Flavour, spec: GuestSpec) -> ET.Element:
     devices = ET.Element("devices")
     for index, disk in enumerate(spec.disks):
         devices.append(_disk(flavour, index, disk))
+    if spec.seed is not None:
+        devices.append(_seed(flavour, len(spec.disks), spec.seed))
     devices.extend(flavour.filesystem_elements(spec))
     if spec.network is not None:
         interface = ET.SubElement(devices, "interface", type="network")
@@ -105,4 +107,18 @@ def _disk(flavour: Flavour, index: int, disk: DiskSpec) -> ET.Element:
     ET.SubElement(element, "target", dev=dev, bus=bus)
     if disk.readonly:
         ET.SubElement(element, "readonly")
+    return element
+
+
+def _seed(flavour: Flavour, disks: int, path: str) -> ET.Element:
+    """The job's NoCloud seed, the disk after the others, read-only: cloud-init finds it by its
+    label (cidata) on any block device. A disk on the flavour's own bus, not a cdrom: a stock
+    cloud kernel has the driver of the disk it boots from (virtio-blk on KVM), but Debian's
+    cloud kernel has no AHCI (no SATA cdrom), and IDE exists only on i440fx machines."""
+    element = ET.Element("disk", type="file", device="disk")
+    ET.SubElement(element, "driver", name="qemu", type="raw")
+    ET.SubElement(element, "source", file=path)
+    dev, bus = flavour.disk_target(disks)
+    ET.SubElement(element, "target", dev=dev, bus=bus)
+    ET.SubElement(element, "readonly")
     return element

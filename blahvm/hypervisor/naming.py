@@ -66,6 +66,11 @@ def scratch_volume_name(guest: str) -> str:
     return check_safe_name(guest) + "-scratch.qcow2"
 
 
+def seed_volume_name(guest: str) -> str:
+    """The guest's NoCloud seed (an ISO9660 image labelled cidata, blahvm.context)."""
+    return check_safe_name(guest) + "-seed.iso"
+
+
 def check_safe_name(name: str) -> str:
     """``name`` itself if it is safe as a domain, volume or file name; else a ``SpecError``."""
     if not isinstance(name, str) or not SAFE_NAME.match(name):

@@ -106,6 +106,7 @@ class GuestSpec:
     vcpus: int
     disks: Tuple[DiskSpec, ...]
     metadata: GuestMetadata
+    seed: Optional[str] = None  # a NoCloud seed image (ISO9660), the last disk, read-only
     agent_sockets: Tuple[str, ...] = ()  # host-side UNIX sockets; port i is org.blahvm.agent.<i>
     control_socket: Optional[str] = None  # host end of org.blahvm.control: root's alone
     shares: Tuple[SharedDir, ...] = ()  # host directories the guest mounts by tag
@@ -143,7 +144,7 @@ class GuestSpec:
             _check_path("agent socket", path)
         _check_path("control socket", self.control_socket)
         self._check_shares()
-        for what in ("kernel", "initrd", "bootloader", "serial_log"):
+        for what in ("kernel", "initrd", "bootloader", "serial_log", "seed"):
             _check_path(what, getattr(self, what))
         _check_line("kernel command line", self.cmdline)
         if self.network is not None and not SAFE_NAME.match(self.network):

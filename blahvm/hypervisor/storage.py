@@ -4,6 +4,7 @@
   the golden's size; the guest writes into the overlay, the golden is never written.
 - ``clone_copy``: a full copy (``createXMLFrom``) where copy-on-write is impossible.
 - ``create_scratch``: an empty qcow2 disk of a requested size.
+- ``create_seed``: a raw volume holding given bytes (a job's NoCloud seed), uploaded through libvirt.
 - ``delete_volume`` (idempotent) and ``list_volumes``.
 
 Volume names are checked with ``naming.check_safe_name`` (derive them with ``naming.disk_volume_name``
@@ -102,6 +103,7 @@ def _ensure_pool(conn: Connection, name: str, path: str) -> Any:
     return pool
 
 
+UPLOAD_CHUNK = 256 * 1024
 POOL_BUSY_WAIT = 10.0  # seconds a refresh waits out volumes being made by other prologues
 
 
@@ -180,6 +182,43 @@ class ClonePool:
         if size <= 0:
             raise StorageError(f"scratch volume {volume}: size must be positive, got {size}")
         return self._create(volume, volume_xml(volume, size, "qcow2"))
+
+    def create_seed(self, volume: str, data: bytes) -> str:
+        """A raw volume holding ``data``, root's and 0600 like every clone (libvirt gives it to QEMU's
+        user while the guest runs); returns its path. libvirt writes it (an upload), so the bytes
+        land in the file the pool names, never through a path blahvm opens. The test driver keeps
+        no bytes: there the volume is made empty."""
+        if not data:
+            raise StorageError(f"seed volume {volume}: no data")
+        path = self._create(volume, volume_xml(volume, len(data), "raw"))
+        if self.conn.uri.startswith("test:"):
+            return path
+        created = self._lookup(volume)
+
+        def upload() -> None:
+            stream = self.conn.raw.newStream(0)
+            try:
+                created.upload(stream, 0, len(data), 0)
+                view = memoryview(data)
+                while view:
+                    sent = stream.send(view[:UPLOAD_CHUNK].tobytes())
+                    if sent <= 0:
+                        raise StorageError(f"seed volume {volume}: the upload stopped")
+                    view = view[sent:]
+                stream.finish()
+            except BaseException:
+                try:
+                    stream.abort()
+                except Exception:  # the stream is broken already; the error that broke it counts
+                    pass
+                raise
+
+        try:
+            self.conn.call(f"upload into {volume}", upload)
+        except BaseException:
+            self.delete_volume(volume)
+            raise
+        return path
 
     def delete_volume(self, volume: str) -> bool:
         """Delete ``volume``; False when it was already gone."""

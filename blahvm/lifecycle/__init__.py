@@ -14,7 +14,7 @@ from blahvm.lifecycle.accounting import AccountingRecord, AccountingReport, acco
 from blahvm.lifecycle.capacity import capacity
 from blahvm.lifecycle.follow import follow
 from blahvm.lifecycle.launch import LAUNCH_FAILED, launch, wait_ready
-from blahvm.lifecycle.prepare import DEFAULT_READY_TIMEOUT, prepare
+from blahvm.lifecycle.prepare import DEFAULT_READY_TIMEOUT, FROM_ENVIRONMENT, prepare
 from blahvm.lifecycle.reap import reap
 from blahvm.lifecycle.run import RunResult, run_job
 from blahvm.lifecycle.results import Capacity, PrepareResult, ReadyResult, ReapReport, TeardownResult
@@ -26,6 +26,7 @@ __all__ = [
     "AccountingReport",
     "Capacity",
     "DEFAULT_READY_TIMEOUT",
+    "FROM_ENVIRONMENT",
     "LAUNCH_FAILED",
     "PrepareResult",
     "ReadyResult",

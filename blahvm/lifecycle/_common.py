@@ -36,6 +36,7 @@ class JobNames:
     guest: str
     disk: str
     scratch: str
+    seed: str  # the NoCloud seed volume of a ``context: cloud-init`` environment
     run_dir: str
 
     @property
@@ -54,7 +55,9 @@ class JobNames:
         return tuple(os.path.join(self.run_dir, AGENT_SOCKET.format(i)) for i in range(count))
 
     def volumes(self, environment: Environment) -> Tuple[str, ...]:
-        return (self.disk, self.scratch) if environment.scratch else (self.disk,)
+        """Every volume the job's guest gets, recorded in the ledger before any is made."""
+        volumes = (self.disk, self.scratch) if environment.scratch else (self.disk,)
+        return volumes + (self.seed,) if environment.context == "cloud-init" else volumes
 
 
 def control_socket_of(run_dir: str) -> str:
@@ -95,6 +98,7 @@ def _names(config: SiteConfig, guest: str) -> JobNames:
         guest=guest,
         disk=naming.disk_volume_name(guest),
         scratch=naming.scratch_volume_name(guest),
+        seed=naming.seed_volume_name(guest),
         run_dir=os.path.join(config.host.run_dir, guest),
     )
 

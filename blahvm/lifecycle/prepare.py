@@ -5,6 +5,11 @@ leaves a trail that a re-run of ``prepare``, ``teardown`` or ``reap`` follows to
 
 A job with a working directory gets it shared into the guest (virtiofs) and mounted at the same
 path there; see docs/jobfiles.md for what is checked and why.
+
+An environment with ``context: cloud-init`` runs a stock cloud image: its guest gets a per-job
+NoCloud seed (``blahvm.context``), a volume beside its disk that teardown and reap remove with it,
+and the job's directory is mounted by the agent over the control port before the bind (the image
+boots its own kernel, so no command line can say where).
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from typing import Optional
 
 import attrs
 
+from blahvm.context import JobContext, make_seed, seed_files
 from blahvm.guest import client, control
-from blahvm.hypervisor import guests, hotplug, saved
+from blahvm.hypervisor import guests, hotplug, naming, saved
 from blahvm.hypervisor.connection import Connection
 from blahvm.hypervisor.domain import (
     BackingFile,
@@ -40,17 +46,39 @@ from blahvm.lifecycle._common import Refusal, best_effort_dismantle, clone_pool,
 from blahvm.lifecycle.results import PrepareResult
 from blahvm.model import Environment, Job, Outcome, SiteConfig
 
-DEFAULT_READY_TIMEOUT = 120.0  # seconds from start to the agent's hello (TCG on busy hosts is slow)
+# Seconds from start to the agent's answer where the environment sets no ready_timeout
+# (docs/configuration.md). TCG on busy hosts is slow; a stock image boots systemd and runs
+# cloud-init (the site's packages and commands too) before its agent starts.
+DEFAULT_READY_TIMEOUT = 120.0
+CLOUD_INIT_READY_TIMEOUT = 600.0
 
 
-def prepare(config: SiteConfig, job: Job, *, ready_timeout: Optional[float] = DEFAULT_READY_TIMEOUT) -> PrepareResult:
-    """Make the job's guest and wait until its agent answers (``ready_timeout=None``: do not wait).
+class _FromEnvironment:
+    def __repr__(self) -> str:
+        return "FROM_ENVIRONMENT"
+
+
+FROM_ENVIRONMENT = _FromEnvironment()  # the environment's ready_timeout, else the default for its kind
+
+
+def ready_timeout_of(environment: Environment) -> float:
+    """How long a prepare waits for the agent of ``environment``'s guests when its caller does not say."""
+    if environment.ready_timeout is not None:
+        return float(environment.ready_timeout)
+    return CLOUD_INIT_READY_TIMEOUT if environment.context == "cloud-init" else DEFAULT_READY_TIMEOUT
+
+
+def prepare(config: SiteConfig, job: Job, *, ready_timeout=FROM_ENVIRONMENT) -> PrepareResult:
+    """Make the job's guest and wait until its agent answers: ``ready_timeout`` seconds at most (by
+    default the environment's, ``ready_timeout_of``); ``None``: do not wait.
 
     Idempotent on ``job.job_id``: a live, healthy guest is reused; a half-made one whose maker died
     is cleaned and made again. Never raises for expected failures.
     """
     try:
         environment = _environment(config, job)
+        if ready_timeout is FROM_ENVIRONMENT:
+            ready_timeout = ready_timeout_of(environment)
         if environment.guests:
             with Ledger(config.host) as ledger, connect(config) as conn:
                 return static.prepare_static(config, job, environment, ledger, conn, ready_timeout)
@@ -125,6 +153,8 @@ def _ownership_problem(path: str, job: Job) -> Optional[str]:
 
 
 def _boot_problem(environment: Environment) -> Optional[str]:
+    if environment.context == "cloud-init":  # the agent mounts it, asked over the control port
+        return None
     if environment.kernel is None:  # the mount point travels on the kernel command line
         return f"environment {environment.name} boots its own kernel, so its guest cannot be told where to mount it"
     return None
@@ -172,9 +202,10 @@ class _Preparation(BringUp):
                 entry = self._after_failed_restore(template)
         self.how = f"booted: {why}"
         disks = self._clone()
+        seed = self._seed()
         make_run_dir(self.config.host.run_dir, names.run_dir)
         shares = self._pin_workdir()
-        xml = build_domain_xml(self._spec(disks, shares))
+        xml = build_domain_xml(self._spec(disks, shares, seed))
         self._move(entry, State.BOOTING)
         started = time.monotonic()
         guests.define_and_start(self.conn, xml)
@@ -305,6 +336,37 @@ class _Preparation(BringUp):
         self.ledger.record_timing(self.job.job_id, "clone", time.monotonic() - started)
         return tuple(disks)
 
+    def _seed(self) -> Optional[str]:
+        """The job's NoCloud seed volume (``context: cloud-init``): its path, or None."""
+        if self.environment.context != "cloud-init":
+            return None
+        started = time.monotonic()
+        identity = job_identity(self.job, self.environment, self.names.guest)
+        context = JobContext(
+            instance_id=f"{self.names.guest}-{os.urandom(4).hex()}",  # a new instance at every prepare
+            hostname=naming.guest_hostname(self.names.guest),
+            user=identity.user,
+            group=identity.group if identity.user is not None else None,
+            uid=identity.uid,
+            gid=identity.gid,
+        )
+        image = make_seed(seed_files(context, self.environment.user_data))
+        path = clone_pool(self.config, self.conn).create_seed(self.names.seed, image)
+        self.ledger.record_timing(self.job.job_id, "seed", time.monotonic() - started)
+        return path
+
+    def _bind(self) -> None:
+        """A contextualised guest mounts the job's directory before the bind, asked over the
+        control port (the same request as after a restore), once its agent answers."""
+        if self.environment.context == "cloud-init" and self.workdir is not None:
+            try:
+                control.mount(self.names.control_socket, guest_init.WORKDIR_TAG, self.workdir.guest_path,
+                              self.ready_timeout)
+            except client.AgentError as error:
+                raise Refusal(Outcome.RETRY_ELSEWHERE, f"{self.WHAT} of job {self.job.job_id} did not mount the "
+                              f"job's directory: {error}") from None
+        super()._bind()
+
     def _pin_workdir(self) -> tuple:
         """Pin the job's directory (checked again, on the directory itself) for its guest alone."""
         if self.workdir is None:
@@ -326,7 +388,7 @@ class _Preparation(BringUp):
             raise Refusal(Outcome.FAIL_JOB, f"job {self.job.job_id}: working directory "
                           f"{self.workdir.guest_path!r}: {problem}")
 
-    def _spec(self, disks: tuple, shares: tuple = ()) -> GuestSpec:
+    def _spec(self, disks: tuple, shares: tuple = (), seed: Optional[str] = None) -> GuestSpec:
         env, job, decision = self.environment, self.job, self.job.decision
         metadata = GuestMetadata(
             job_id=job.job_id,
@@ -346,6 +408,7 @@ class _Preparation(BringUp):
             vcpus=decision.vcpus,
             disks=disks,
             metadata=metadata,
+            seed=seed,
             agent_sockets=self.names.sockets(decision.vcpus),  # one per task that may run at once
             control_socket=self.names.control_socket,
             shares=shares,
@@ -359,7 +422,7 @@ class _Preparation(BringUp):
 
     def _cmdline(self) -> Optional[str]:
         """The environment's kernel command line, plus where stage two mounts the job's directory."""
-        if self.workdir is None:
+        if self.workdir is None or self.environment.context == "cloud-init":
             return self.environment.cmdline
         argument = guest_init.workdir_argument(self.workdir.guest_path)
         return " ".join(part for part in (self.environment.cmdline, argument) if part)

@@ -102,6 +102,8 @@ def why_not(environment: Environment) -> Optional[str]:
     """Why this environment's jobs boot whatever templates exist, or None if they may start from one."""
     if environment.start == "boot":
         return "the environment says start: boot"
+    if environment.context == "cloud-init":  # its template would need a seed of its own, kept with it
+        return "context: cloud-init guests start from no saved state yet"
     if environment.flavour != "kvm":
         return f"the {environment.flavour} flavour starts no saved states here"
     if environment.clone != "overlay":
