@@ -274,6 +274,54 @@ def test_scancel_reaches_the_payload(cluster, site):
     _nothing_left(cluster, site)
 
 
+def _vcpu_seconds(guest):
+    shown = _virsh("domstats", "--vcpu", guest).stdout
+    return sum(int(line.split("=")[1]) for line in shown.split() if line.startswith("vcpu.") and ".time=" in line) / 1e9
+
+
+def _wait_domstate(guest, state, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _virsh("domstate", guest).stdout.strip() == state:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"guest {guest} never became {state}: {_virsh('domstate', guest).stdout.strip()}")
+
+
+def test_scontrol_suspend_pauses_the_guest_and_resume_lets_the_job_finish(cluster, site):
+    """The SPANK plugin's follow: Slurm stops the task, the guest is paused (its vcpus get no time);
+    resumed with the job, the payload ends with its exact output and exit code."""
+    from blahvm.config import load_config
+    from tests.test_lifecycle import guest_of
+
+    out = os.path.join(site["work"], "suspend-%j.out")
+    script = "echo started; n=0; end=$(($(date +%s) + 15)); while [ $(date +%s) -lt $end ]; do n=$((n+1)); done; " \
+             "echo counted; exit 3"
+    submitted = cluster.run(["sbatch", "--parsable", "-D", site["work"], "-o", out, "--wrap", script], user=USER)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    path = out.replace("%j", job_id)
+    _wait_for_text(path, "started")
+    guest = guest_of(load_config(site["config"]), f"{job_id}@{NODE}")
+    cluster.scontrol("suspend", job_id)
+    try:
+        try:
+            _wait_domstate(guest, "paused")
+        except AssertionError as error:  # the follow hook logs why it could not
+            raise AssertionError(f"{error}\n{_blahvm_log(cluster)}") from None
+        before = _vcpu_seconds(guest)
+        time.sleep(3)
+        assert _vcpu_seconds(guest) == before  # no CPU time passes in a suspended job's guest
+        assert _virsh("domstate", guest).stdout.strip() == "paused"
+    finally:
+        cluster.scontrol("resume", job_id)
+    _wait_domstate(guest, "running")
+    fields = _settle(cluster, job_id)
+    output = _wait_for_text(path, "counted", timeout=60)
+    assert fields["ExitCode"] == "3:0", (fields, output, _blahvm_log(cluster))
+    _nothing_left(cluster, site)
+
+
 def test_guest_slots_are_a_gres_so_a_full_host_gets_no_more_jobs(cluster, site):
     """max_guests is 1: the second job waits in the queue for the slot instead of being sent and requeued."""
     out = os.path.join(site["work"], "slot-%j.out")

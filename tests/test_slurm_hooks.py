@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from blahvm.batch.slurm import INFINITE, NO_VAL, epilog_main, health_main, route_line
+from blahvm.batch.slurm import INFINITE, NO_VAL, epilog_main, follow_main, health_main, route_line
 
 SITE = """\
 hypervisor: {{uri: "qemu+unix:///system?socket=/nonexistent/libvirt-sock", pool: p, pool_path: {d}/clones}}
@@ -77,3 +77,16 @@ def test_cores_are_per_node_for_a_job_on_several_nodes(site, tmp_path):
     assert route_line(site, argv + ["--nodes", "2"], cache_dir=cache).startswith("route\t")
     assert route_line(site, argv + ["--nodes", str(NO_VAL)], cache_dir=cache).startswith("reject\t2 cores exceed")
     assert route_line(site, argv + ["--cpus", "3", "--nodes", "2"], cache_dir=cache).startswith("reject\t2 cores")
+
+
+@pytest.mark.parametrize("argv", [[], ["5"], ["5", "0"], ["5", "-3"], ["x", "12"], ["5", "12", "13"],
+                                  ["5", "1" * 40], ["5\n", "12"]])
+def test_the_follow_hook_refuses_anything_but_a_job_id_and_a_pid(site, argv, capfd):
+    assert follow_main(site, argv=argv, environ={"SLURMD_NODENAME": "n1"}) == 2
+    assert capfd.readouterr().err == ""  # started detached by the SPANK plugin: nobody reads its stderr
+
+
+def test_the_follow_hook_of_a_job_without_a_guest_says_so_and_ends(site, tmp_path):
+    """The job's guest is gone (or never was): nothing to pause, one line in the log, no hypervisor needed."""
+    assert follow_main(site, argv=["5300002", "1"], environ={"SLURMD_NODENAME": "n1"}) == 1
+    assert "no running guest" in (tmp_path / "blahvm.log").read_text()

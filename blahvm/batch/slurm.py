@@ -10,6 +10,9 @@
 - ``task_main``    the batch script's interpreter (job_submit.lua puts ``#!TASK`` in front of the
                    script) and every srun task (the SPANK plugin execs ``TASK -- CMD``): runs the job
                    inside its guest as the job user.
+- ``follow_main``  started as root by the SPANK plugin for each task (``FOLLOW JOBID PID``), detached
+                   from the step: pauses the job's guest while Slurm has the task stopped
+                   (``scontrol suspend``, preemption by suspension) and resumes it with the task.
 - ``health_main``  HealthCheckProgram (root, periodic): drains the node while its hypervisor, ledger
                    or config is unusable and resumes it after; keeps the node's ``blahvm`` GRES at
                    the guest slots Slurm may still fill (``max_guests`` less those held outside Slurm).
@@ -413,6 +416,44 @@ def task_main(config: str, argv: "Optional[List[str]]" = None, environ: "Optiona
         return launch(site, job, command, env=environ, cwd=_here() or job.workdir)
 
     return run_hook("slurm-task", body, on_error=TASK_FAILED)
+
+
+def _followed_key(site: "SiteConfig", job_id: str, environ: "Mapping[str, str]") -> str:
+    """The job's ledger key. slurmstepd has not set SLURMD_NODENAME yet when the SPANK plugin starts
+    the follow hook, and the host name need not be the node's name: so this job's one live entry on
+    this host (one node of a job per host), else the key the host name gives."""
+    from blahvm.ledger import Ledger
+
+    if environ.get("SLURMD_NODENAME"):
+        return job_key(job_id, environ)
+    with Ledger(site.host) as ledger:
+        keys = [entry.job_id for entry in ledger.live() if entry.job_id.startswith(f"{job_id}@")]
+    return keys[0] if len(keys) == 1 else job_key(job_id, environ)
+
+
+def follow_main(config: str, argv: "Optional[List[str]]" = None, environ: "Optional[Mapping[str, str]]" = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    environ = os.environ if environ is None else environ
+
+    def body() -> int:
+        from blahvm.config import ConfigError, load_config
+        from blahvm.lifecycle import follow
+        from blahvm.model import Outcome
+
+        if len(argv) != 2 or not all(a.isdigit() and len(a) < 11 for a in argv) or int(argv[1]) == 0:
+            log_event("slurm-follow", f"usage: FOLLOW JOBID PID (got {printable(' '.join(argv))[:200]})")
+            return 2
+        job_id, pid = argv[0], int(argv[1])
+        try:
+            site = load_config(config)
+        except ConfigError as error:
+            log_event("slurm-follow", f"bad config: {error}", job_id=job_id)
+            return 1
+        result = follow(site, _followed_key(site, job_id, environ), [pid])
+        log_event("slurm-follow", result.message, job_id=job_id, log_file=site.host.log_file)
+        return 0 if result.outcome is Outcome.OK else 1
+
+    return run_hook("slurm-follow", body, on_error=1, stderr=False)
 
 
 # -- HealthCheckProgram: the node's health and guest slots ------------------------------------------

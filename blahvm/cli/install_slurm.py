@@ -11,6 +11,7 @@ HOOKS = (  # file, function in blahvm.batch.slurm
     ("task", "task_main"),
     ("route", "route_main"),
     ("health", "health_main"),
+    ("follow", "follow_main"),  # root: the SPANK plugin starts it for each task
 )
 # blahvm/plugins: the checkout's plugins/ (a link), or the copy an installed wheel carries
 PLUGIN_SOURCES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plugins", "slurm")
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             if problem:
                 return fail(f"cannot build the SPANK plugin: {problem} (or pass --no-spank)")
             install_file(os.path.join(directory, "plugstack.conf"),
-                         f"required {directory}/blahvm_spank.so task={paths['task']}\n", 0o644)
+                         f"required {directory}/blahvm_spank.so task={paths['task']} follow={paths['follow']}\n", 0o644)
     except OSError as error:
         return fail(f"cannot install into {directory}: {error.strerror or error}")
     user = args.slurm_user or slurm_user(args.slurm_conf)

@@ -1,7 +1,8 @@
 /*
  * blahvm's SPANK plugin: every srun task runs inside the job's guest.
  *
- * plugstack.conf:   required /etc/slurm/blahvm/blahvm_spank.so task=/etc/slurm/blahvm/task
+ * plugstack.conf:   required /etc/slurm/blahvm/blahvm_spank.so task=/etc/slurm/blahvm/task \
+ *                       follow=/etc/slurm/blahvm/follow
  *
  * In slurmstepd, just before a task's command is executed (as the job's user), the task instead
  * becomes `TASK -- COMMAND ARGS`: blahvm's task wrapper, which runs the command in the job's guest
@@ -13,14 +14,25 @@
  * extern step (Slurm's own placeholder), and a task that already is `TASK ...`. Any failure fails
  * the task: it never falls back to running the command on the host.
  *
+ * Suspension: Slurm suspends a job by stopping the processes it tracks, never the guest (libvirt's).
+ * So, as root, just before each task drops its privileges, the plugin starts `FOLLOW JOBID PID`
+ * (blahvm follow, optional): detached from the step (its own session, reparented to init) so that
+ * Slurm never stops it with the job, it pauses the guest while the task is stopped and resumes it
+ * with the task, and exits with it.
+ *
  * Built per Slurm release by `blahvm install slurm` (the version is compiled in and checked by
  * Slurm when it loads the plugin).
  */
 
+#include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/types.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <slurm/slurm.h>
@@ -29,22 +41,36 @@
 SPANK_PLUGIN(blahvm, 1);
 
 #define TASK_OPTION "task="
+#define FOLLOW_OPTION "follow="
 
 static char task_path[PATH_MAX];
+static char follow_path[PATH_MAX];
+
+static int absolute_option(const char *arg, const char *option, char *into)
+{
+	const char *path = arg + strlen(option);
+
+	if (path[0] != '/' || strlen(path) >= PATH_MAX) {
+		slurm_error("blahvm: %s must be an absolute path: %s", option, path);
+		return -1;
+	}
+	strcpy(into, path);
+	return 0;
+}
 
 static int configure(int ac, char **av)
 {
 	int i;
 
 	task_path[0] = '\0';
+	follow_path[0] = '\0';
 	for (i = 0; i < ac; i++) {
 		if (strncmp(av[i], TASK_OPTION, strlen(TASK_OPTION)) == 0) {
-			const char *path = av[i] + strlen(TASK_OPTION);
-			if (path[0] != '/' || strlen(path) >= sizeof(task_path)) {
-				slurm_error("blahvm: task= must be an absolute path: %s", path);
+			if (absolute_option(av[i], TASK_OPTION, task_path) < 0)
 				return -1;
-			}
-			strcpy(task_path, path);
+		} else if (strncmp(av[i], FOLLOW_OPTION, strlen(FOLLOW_OPTION)) == 0) {
+			if (absolute_option(av[i], FOLLOW_OPTION, follow_path) < 0)
+				return -1;
 		} else {
 			slurm_error("blahvm: unknown plugstack.conf argument: %s", av[i]);
 			return -1;
@@ -63,6 +89,69 @@ int slurm_spank_init(spank_t sp, int ac, char **av)
 	if (!spank_remote(sp))
 		return 0;
 	return configure(ac, av);
+}
+
+/*
+ * Start `FOLLOW JOBID PID` for this task, detached: a new session, reparented to init (a double
+ * fork), stdio on /dev/null, no other descriptor of slurmstepd's, an environment of its own.
+ */
+static void start_follow(uint32_t job_id, pid_t task, const char *node)
+{
+	char id[16], pid[16], node_env[128] = "SLURMD_NODENAME=";
+	char *argv[] = {follow_path, id, pid, NULL};
+	char *envp[] = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin", node_env, NULL};
+	pid_t child;
+	int status, fd;
+
+	snprintf(id, sizeof(id), "%u", job_id);
+	snprintf(pid, sizeof(pid), "%d", (int) task);
+	if (node[0] != '\0' && strlen(node) < sizeof(node_env) - strlen(node_env))
+		strcat(node_env, node);
+	else
+		envp[1] = NULL;
+	child = fork();
+	if (child < 0) {
+		slurm_error("blahvm: cannot start %s: %m", follow_path);
+		return;
+	}
+	if (child == 0) {
+		setsid();
+		if (fork() != 0)
+			_exit(0);
+		fd = open("/dev/null", O_RDWR);
+		if (fd >= 0) {
+			dup2(fd, 0);
+			dup2(fd, 1);
+			dup2(fd, 2);
+		}
+		for (fd = 3; fd < 65536; fd++)
+			close(fd);
+		execve(follow_path, argv, envp);
+		_exit(127);
+	}
+	while (waitpid(child, &status, 0) < 0 && errno == EINTR)
+		;
+}
+
+int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
+{
+	uint32_t step, job_id;
+	char node[64] = "";
+
+	(void) ac;
+	(void) av;
+	if (follow_path[0] == '\0')
+		return 0;
+	if (spank_get_item(sp, S_JOB_STEPID, &step) != ESPANK_SUCCESS || step == SLURM_EXTERN_CONT)
+		return 0;
+	if (spank_get_item(sp, S_JOB_ID, &job_id) != ESPANK_SUCCESS) {
+		slurm_error("blahvm: cannot tell this task's job: its guest is not paused with it");
+		return 0;  /* the job still runs; only its suspension would not reach the guest */
+	}
+	if (spank_getenv(sp, "SLURMD_NODENAME", node, sizeof(node)) != ESPANK_SUCCESS)
+		node[0] = '\0';  /* the follow hook then takes the host name, as the other hooks do */
+	start_follow(job_id, getpid(), node);
+	return 0;
 }
 
 int slurm_spank_task_init(spank_t sp, int ac, char **av)
