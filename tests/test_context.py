@@ -302,3 +302,29 @@ def test_a_cloud_init_environment_boots_rather_than_restore(tmp_path, golden):
     environment = cloud_config_site(tmp_path, golden, start="auto").environments["demo"]
     assert why_not(environment) == "context: cloud-init guests start from no saved state yet"
     assert why_not(attrs.evolve(environment, context="none")) is None
+
+
+def test_a_jobs_directory_is_shared_with_no_kernel_command_line(tmp_path, golden, keep_driver):
+    """The image boots its own kernel: the job's directory is pinned and shared as for any guest,
+    and the agent is asked to mount it over the control port (before the bind) instead."""
+    from blahvm import jobshare
+    from blahvm.model import Job
+
+    workdir = tmp_path / "job dir ü"
+    workdir.mkdir()
+    os.chown(workdir, 65534, 65534)
+    config = cloud_config_site(tmp_path, golden)
+    job = Job(job_id="77.server", user="nobody", decision=make_job().decision, uid=65534, gid=65534,
+              workdir=str(workdir))
+    try:
+        result = prepare(config, job, ready_timeout=None)
+        assert result.outcome is Outcome.OK, result.message
+        domain = ET.fromstring(keep_driver.raw.lookupByName(result.guest).XMLDesc())
+        assert domain.find("./devices/filesystem/target").get("dir") == "blahvm-workdir"
+        assert domain.find("./os/cmdline") is None and domain.find("./os/kernel") is None
+        root = jobshare.share_root(config.host.run_dir)
+        assert jobshare.shared_mounts(root) == [jobshare.mount_point(root, result.guest)]
+    finally:
+        done = teardown(config, job.job_id)
+    assert done.outcome is Outcome.OK, done.message
+    assert_nothing_left(config, keep_driver)
