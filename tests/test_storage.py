@@ -165,3 +165,22 @@ def test_real_full_copy(real_pool, tmp_path):
     assert "backing" not in info and '"virtual-size": 67108864' in info
     # Copying from a golden that is already in a pool reuses that pool.
     assert real_pool.clone_copy(inspect_image("slc4", golden_path), "copy2.qcow2").endswith("copy2.qcow2")
+
+
+@real_libvirt
+def test_real_seed_volume_holds_exactly_the_bytes_uploaded_and_is_roots_alone(real_pool, tmp_path):
+    from blahvm.context import JobContext, make_seed, read_seed, seed_files
+
+    image = make_seed(seed_files(JobContext("blahvm-1-abcdef01-0011", "blahvm-1-abcdef01", "alice", "alice", 1001,
+                                            1001)))
+    path = real_pool.create_seed("blahvm-1-abcdef01-seed.iso", image)
+    assert os.path.dirname(path) == str(tmp_path / "clones")
+    status = os.stat(path)
+    assert (status.st_uid, status.st_mode & 0o777) == (0, 0o600)  # libvirt lends it to QEMU while a guest runs
+    with open(path, "rb") as seed:
+        assert seed.read() == image
+    assert read_seed(image)[""] == "cidata"
+    with pytest.raises(VolumeExists):
+        real_pool.create_seed("blahvm-1-abcdef01-seed.iso", image)
+    assert real_pool.delete_volume("blahvm-1-abcdef01-seed.iso") is True
+    assert not os.path.exists(path)
