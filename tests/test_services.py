@@ -54,7 +54,14 @@ _IN_NAMESPACE = textwrap.dedent(
     services.ensure_libvirt("qemu:///system", timeout=90, pid_dir="/run")
     again = {n: services.running_processes(n) for n in ("virtlogd", "libvirtd")}
     pid_files = sorted(f for f in os.listdir("/run") if f.endswith(".pid"))
-    print(json.dumps({"before": before, "started": started, "again": again, "pid_files": pid_files}))
+    def parent_of(pid):
+        with open(f"/proc/{pid}/stat") as stat:
+            ppid = stat.read().rsplit(")", 1)[1].split()[1]
+        with open(f"/proc/{ppid}/comm") as comm:
+            return comm.read().strip()
+    parents = {n: parent_of(p[0]) for n, p in started.items()}
+    print(json.dumps({"before": before, "started": started, "again": again, "pid_files": pid_files,
+                      "parents": parents}))
     """
 )
 
@@ -79,3 +86,5 @@ def test_ensure_libvirt_starts_missing_daemons_in_order():
     assert seen["started"]["virtlogd"][0] < seen["started"]["libvirtd"][0]
     assert seen["again"] == seen["started"]
     assert seen["pid_files"] == ["libvirtd.pid", "virtlogd.pid"]
+    # libvirtd under tini, its child subreaper: the guests' QEMU processes are reaped as soon as they exit
+    assert seen["parents"]["libvirtd"] == ("tini" if os.access(services.TINI, os.X_OK) else seen["parents"]["virtlogd"])
