@@ -123,7 +123,12 @@ def port(monkeypatch):
     serving = threading.Thread(target=agent.Port(model).serve, daemon=True)
     serving.start()
     yield model
-    model.set_connected(False)  # the host leaves for good: the agent kills what still runs
+    # The host leaves for good and the port with it: the agent kills what still runs and its thread
+    # ends here, so it never writes to stderr during a later test (whose capture would get the line).
+    model.reconnects = False
+    model.set_connected(False)
+    serving.join(WAIT)
+    assert not serving.is_alive(), "the agent did not stop with its port"
 
 
 def session(port, **connected):
