@@ -447,3 +447,106 @@ def test_the_script_path_openpbs_writes_on_stdin_becomes_the_script(tmp_path):
     big = b"x" * 10000 + b"\n"
     assert through(big) == big
     assert through(b"") == b""
+
+
+# -- one guest per job: chunks on one host, no private sandbox (issue 13) ---------------------------------
+
+
+@pytest.mark.parametrize("sandbox, place, select, refused", [
+    (None, None, "2:ncpus=1", None),
+    ("HOME", "scatter", "1:ncpus=4", None),  # one chunk: nowhere to spread
+    ("private", None, None, "sandbox=PRIVATE is not supported"),
+    (None, "scatter:excl", "2:ncpus=1", "spreads the job's 2 chunks over hosts"),
+    (None, "vscatter", "1:ncpus=1+1:mem=1gb", "spreads the job's 2 chunks over hosts"),
+])
+def test_what_one_guest_on_one_host_cannot_run_is_named(sandbox, place, select, refused):
+    said = pbs.one_host_refusal(sandbox, place, select)
+    assert (said is None) if refused is None else (refused in said and "\n" not in said)
+
+
+@pytest.mark.parametrize("place, packed", [
+    (None, "pack"), ("free", "pack"), ("excl", "pack:excl"), ("free:shared:group=switch", "pack:shared:group=switch"),
+    ("pack:exclhost", "pack:exclhost"),
+])
+def test_every_chunk_is_packed_on_the_guests_host(place, packed):
+    assert pbs.packed_place(place) == packed
+
+
+def test_exec_hosts_are_the_distinct_hosts_in_order():
+    assert pbs.exec_hosts("vm/0*2+vm/1") == ("vm",)
+    assert pbs.exec_hosts("a/0+b/0+a/1") == ("a", "b")
+    assert pbs.exec_hosts(None) == ()
+
+
+def test_queuejob_packs_a_multi_chunk_job_and_refuses_a_private_sandbox(installed):
+    home, _ = installed
+    packed = hook_event(home, "queuejob", requestor="nobody", job={
+        "id": "", "queue": "grid", "Resource_List": {"walltime": "00:05:00", "select": "2:ncpus=1"}})
+    assert packed["verdict"] == "accept", packed
+    assert packed["job"]["Resource_List"]["select"] == "1:ncpus=1:blahvm_slots=1+1:ncpus=1"
+    assert packed["job"]["Resource_List"]["place"] == "pack"
+    private = hook_event(home, "queuejob", requestor="nobody", job={
+        "id": "", "queue": "grid", "sandbox": "PRIVATE", "Resource_List": {"walltime": "00:05:00"}})
+    assert private["verdict"] == "reject" and private["message"] == pbs.SANDBOX_REFUSED
+
+
+def test_execjob_begin_of_a_job_spread_over_hosts_deletes_it_with_the_reason(installed):
+    home, _ = installed
+    done = hook_event(home, "execjob_begin", job={
+        "id": "8.vm", "queue": "short", "euser": "nobody", "exec_host": "vm/0+other/0",
+        "Resource_List": {"walltime": "00:05:00", "select": "2:ncpus=1"}})
+    assert done["verdict"] == "reject" and done["delete"] and not done["rerun"]
+    assert done["message"] == "blahvm: the job's chunks are on 2 hosts; a job runs in one guest on one host"
+
+
+# -- the guest's usage is the job's; suspend and resume reach the guest (issue 15) -----------------------
+
+
+def _record(cpu, memory, closed=2000.0):
+    from blahvm.lifecycle import AccountingRecord
+
+    return AccountingRecord(job_id="1.vm", user="u", vo=None, environment="demo", outcome=None, reason=None,
+                            started=closed - 100, closed=closed, provision_seconds=5.0, wall_seconds=90.0,
+                            cpu_seconds=cpu, vcpu_seconds=None, max_memory_bytes=memory, disk_read_bytes=0,
+                            disk_write_bytes=0)
+
+
+def test_the_job_is_charged_its_own_usage_plus_its_guests():
+    from blahvm.batch.pbs_usage import Charged, charged, run_record
+
+    assert charged(_record(4.2, 300 * 1024 * 1024), host_cput_seconds=1, host_mem_bytes=8 * 1024 * 1024) == \
+        Charged(cput_seconds=6, mem_kb=308 * 1024)
+    assert charged(_record(None, None)) is None  # statistics lost: the mom's figures stay
+    old, new = _record(1.0, 1, closed=1000.0), _record(2.0, 1, closed=3000.0)
+    assert run_record([new, old], since=None) is new
+    assert run_record([old], since=2000.0) is None  # an earlier run of a requeued job is not charged again
+
+
+def test_execjob_epilogue_sets_resources_used_from_the_guests_record(installed, site):
+    from blahvm.config import load_config
+    from blahvm.ledger import Consumed, Ledger
+    from blahvm.model import Outcome
+
+    home, _ = installed
+    with Ledger(load_config(site).host) as ledger:
+        ledger.reserve("9.vm", "nobody", None, "demo", 256 * 1024 * 1024, 1)
+        ledger.record_usage("9.vm", Consumed(cpu_seconds=5.5, max_memory=Size(200 * 1024 * 1024)))
+        ledger.close("9.vm", Outcome.OK)
+    done = hook_event(home, "execjob_epilogue", job={
+        "id": "9.vm", "euser": "nobody", "resources_used": {"cput": "00:00:01", "mem": "10240kb", "walltime": "00:01:40"}})
+    assert done["verdict"] == "accept", done
+    assert done["job"]["resources_used"] == {"cput": "7", "mem": f"{200 * 1024 + 10240}kb", "walltime": "00:01:40"}
+
+
+def test_suspend_and_resume_of_a_job_without_a_guest_leave_it_to_the_mom(installed):
+    home, _ = installed
+    for kind in ("execjob_postsuspend", "execjob_preresume"):
+        done = hook_event(home, kind, job={"id": "10.vm", "euser": "nobody"})
+        assert done["verdict"] == "accept", done
+
+
+def test_install_asks_for_exactly_the_events_the_hook_handles(installed):
+    _, said = installed
+    events = "queuejob,execjob_begin,execjob_launch,execjob_epilogue,execjob_end,execjob_postsuspend," \
+             "execjob_preresume,exechost_periodic"
+    assert f'qmgr -c "set hook blahvm event = \'{events}\'"' in said

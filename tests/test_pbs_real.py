@@ -24,7 +24,7 @@ pytestmark = pytest.mark.guest
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # OpenPBS hooks run on it; the job starter runs as every job's user
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
-OTHER_MEMORY_MIB = 384  # environment "other": the demo image with more memory than "vm" (256 MiB)
+OTHER_MEMORY_MIB = 384  # environment "other": the demo image with more memory than "vm" (256 MiB), 2 vcpus
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def openpbs(demo_image):
                  "run_dir": f"/run/blahvm-openpbs-{os.getpid()}", "log_file": f"{directory}/blahvm.log"},
         "defaults": {"walltime": "1h", "cores": 1},
         "vo_mapping": [{"user": f"^(?P<vo>{user.pw_name})$"}],
-        "environments": {"vm": vm, "other": dict(vm, memory=f"{OTHER_MEMORY_MIB}MiB")},
+        "environments": {"vm": vm, "other": dict(vm, memory=f"{OTHER_MEMORY_MIB}MiB", vcpus=2)},
         "queues": {"grid": {}, "short": {"max_walltime": "10h"}},
         "routes": [
             {"name": "other-env", "when": {"queue": "grid", "vo": user.pw_name, "environment": "other"},
@@ -261,3 +261,128 @@ def test_four_jobs_on_two_slots_all_run_two_guests_at_once(openpbs):
     assert most == 2, _log(openpbs)
     _nothing_left(openpbs)
 
+
+
+BURN_TICKS = 500  # the guest's own CPU time its payload burns, in clock ticks (USER_HZ, 100 a second)
+BURN = f"""#!/bin/sh
+echo started
+t=0
+while [ "$t" -lt {BURN_TICKS} ]; do
+  i=0; while [ $i -lt 2000 ]; do i=$((i+1)); done
+  read -r line < /proc/$$/stat
+  set -- ${{line#*) }}
+  t=$(( ${{12}} + ${{13}} ))
+done
+echo "$t" >&2
+echo burned
+exit 7
+"""
+
+
+def _guest_of(pbs, job_id):
+    from blahvm.config import load_config
+    from blahvm.ledger import Ledger
+
+    with Ledger(load_config(pbs.site["config"]).host) as ledger:
+        entry = ledger.get(job_id)
+    return None if entry is None or not entry.live else entry.guest
+
+
+def _qsig(pbs, signal, job_id):
+    done = pbs.run([f"{PREFIX}/bin/qsig", "-s", signal, job_id])
+    assert done.returncode == 0, (done.stdout, done.stderr, _log(pbs))
+
+
+def _domstate_becomes(guest, state, pbs, job_id):
+    deadline = time.monotonic() + 90
+    while virsh("domstate", guest).stdout.strip() != state:
+        assert time.monotonic() < deadline, (state, virsh("domstate", guest).stdout, pbs.job(job_id), _log(pbs))
+        time.sleep(0.2)
+
+
+def test_guest_cpu_is_the_jobs_and_qsig_suspend_pauses_the_guest(openpbs):
+    """A script job burns 5 CPU-seconds in its guest (measured there) and is suspended meanwhile:
+    execjob_postsuspend pauses the guest (its vcpus' time stands still), execjob_preresume resumes it;
+    the job ends with its exact output and exit code, and execjob_epilogue charged the guest's CPU time
+    and memory to resources_used (the mom alone measures the starter's tenths of a second)."""
+    from blahvm.config import load_config
+    from blahvm.hypervisor.connection import open_connection
+    from blahvm.hypervisor.stats import domain_usage
+    from blahvm.lifecycle import accounting
+
+    job_id = _submit(openpbs, "burn", [], input=BURN)
+    spool = f"{HOME}/spool/{job_id}.OU"
+    deadline = time.monotonic() + 180
+    while not (os.path.exists(spool) and os.path.getsize(spool) > 0):
+        assert time.monotonic() < deadline, (openpbs.job(job_id), _log(openpbs))
+        time.sleep(0.2)
+    guest = _guest_of(openpbs, job_id)
+    _qsig(openpbs, "suspend", job_id)
+    _domstate_becomes(guest, "paused", openpbs, job_id)
+    config = load_config(openpbs.site["config"])
+    with open_connection(config.hypervisor.uri, timeout=30) as conn:
+        assert openpbs.job(job_id)["job_state"] == "S"
+        before = domain_usage(conn, guest).vcpu_seconds
+        time.sleep(4)
+        assert domain_usage(conn, guest).vcpu_seconds == pytest.approx(before, abs=0.05)
+    _qsig(openpbs, "resume", job_id)
+    _domstate_becomes(guest, "running", openpbs, job_id)
+    fields = _finished(openpbs, job_id)
+    assert fields["Exit_status"] == 7, (fields, _log(openpbs))
+    assert _read(f"{openpbs.site['work']}/burn.out") == "started\nburned\n"
+    assert int(_read(f"{openpbs.site['work']}/burn.err")) >= BURN_TICKS
+    runs = accounting(config, job_id=job_id).records
+    assert len(runs) == 1 and runs[0].cpu_seconds is not None, runs
+    used = fields["resources_used"]
+    cput = pbs_seconds(used["cput"])
+    assert cput >= runs[0].cpu_seconds and cput >= BURN_TICKS / 100 * 0.6, (used, runs, _log(openpbs))
+    assert pbs_kb(used["mem"]) * 1024 >= runs[0].max_memory_bytes, (used, runs)
+    _nothing_left(openpbs)
+
+
+def pbs_seconds(text) -> int:
+    from blahvm.batch.pbs import parse_pbs_duration
+
+    return int(parse_pbs_duration(str(text)))
+
+
+def pbs_kb(text) -> int:
+    from blahvm.batch.pbs import parse_pbs_size
+
+    return int(parse_pbs_size(str(text))) // 1024
+
+
+def test_two_chunks_on_one_host_run_in_one_guest_with_both_cores(openpbs):
+    """select=2:ncpus=1: queuejob packs the chunks on one host (place=pack) and the guest gets both cores."""
+    job_id = _submit(openpbs, "chunks", ["-l", "select=2:ncpus=1", "-l", "blahvm_env=other", "--", "/bin/sh", "-c",
+                                         "grep -c ^processor /proc/cpuinfo; exit 4"])
+    fields = _finished(openpbs, job_id)
+    assert fields["Exit_status"] == 4, (fields, _log(openpbs))
+    assert fields["Resource_List"]["place"].startswith("pack"), fields["Resource_List"]
+    assert _read(f"{openpbs.site['work']}/chunks.out") == "2\n"
+    _nothing_left(openpbs)
+
+
+def test_what_one_guest_cannot_run_is_refused_at_qsub_with_the_reason(openpbs):
+    for args, reason in ((["-W", "sandbox=PRIVATE"], "sandbox=PRIVATE is not supported"),
+                         (["-l", "select=2:ncpus=1", "-l", "place=scatter"], "a job runs in one guest on one host")):
+        refused = openpbs.qsub(["-q", "grid", *args, "--", "/bin/true"], cwd="/tmp")
+        assert refused.returncode != 0 and refused.stdout == "", (args, refused.stdout)
+        assert reason in refused.stderr, (args, refused.stderr)
+
+
+def test_a_permanent_refusal_at_start_ends_the_job_once_with_its_reason(openpbs):
+    """A job altered after queuejob (qalter -W sandbox=PRIVATE while held) is refused at execjob_begin:
+    the hook deletes it (job.delete(), reject): one attempt, no requeue, no hold."""
+    job_id = _submit(openpbs, "altered", ["-h", "--", "/bin/sh", "-c", "echo ran; exit 0"])
+    altered = openpbs.run([f"{PREFIX}/bin/qalter", "-W", "sandbox=PRIVATE", job_id], user=openpbs.site["user"].pw_name)
+    assert altered.returncode == 0, (altered.stdout, altered.stderr)
+    released = openpbs.run([f"{PREFIX}/bin/qrls", job_id], user=openpbs.site["user"].pw_name)
+    assert released.returncode == 0, (released.stdout, released.stderr)
+    fields = openpbs.wait(job_id, timeout=180)
+    assert fields["job_state"] == "F" and fields.get("Hold_Types", "n") == "n", (fields, _log(openpbs))
+    assert fields["run_count"] == 1 and fields["Exit_status"] == -19, fields  # JOB_EXEC_HOOK_DELETE: deleted
+    assert not os.path.exists(f"{openpbs.site['work']}/altered.out")  # it never ran
+    traced = openpbs.run([f"{PREFIX}/bin/tracejob", "-n", "2", job_id])  # where OpenPBS keeps the reason
+    assert "sandbox=PRIVATE is not supported" in traced.stdout, (traced.stdout, traced.stderr)
+    _nothing_left(openpbs)

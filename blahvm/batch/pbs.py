@@ -628,7 +628,9 @@ def openpbs_hook(pbs, settings: Mapping) -> None:
         elif kind == pbs.EXECJOB_LAUNCH:
             _launch(event, settings["job_starter"])
         elif kind in (pbs.EXECJOB_EPILOGUE, pbs.EXECJOB_END):
-            _end(event, _load(config_path), log_file)
+            _end(pbs, event, kind, _load(config_path), log_file)
+        elif kind in (_event_code(pbs, "EXECJOB_POSTSUSPEND"), _event_code(pbs, "EXECJOB_PRERESUME")):
+            _suspension(pbs, event, kind, _load(config_path), log_file)
         elif kind == pbs.EXECHOST_PERIODIC:
             _periodic(pbs, event, _load(config_path), log_file)
     except BlahvmError as error:
@@ -672,6 +674,12 @@ def _queuejob(pbs, event, site, log_file) -> None:
     except QuantityError as error:
         event.reject(f"blahvm: {error}")
         return
+    unsupported = one_host_refusal(_text(getattr(job, "sandbox", None)), _text(job.Resource_List["place"]),
+                                   _text(job.Resource_List["select"]))
+    if unsupported:
+        log_event("queuejob", f"rejected: {unsupported}", user=facts.user, log_file=log_file)
+        event.reject(unsupported)
+        return
     decision = _route_submission(site, submission)
     if isinstance(decision, Rejection):
         log_event("queuejob", f"rejected: {decision.reason}", user=facts.user, log_file=log_file)
@@ -686,10 +694,69 @@ def _queuejob(pbs, event, site, log_file) -> None:
     chosen = job.Resource_List["select"]
     if chosen is not None and str(chosen):
         job.Resource_List["select"] = pbs.select(select_with_slot(str(chosen)))
+        job.Resource_List["place"] = pbs.place(packed_place(_text(job.Resource_List["place"])))
     else:  # an old-style request: PBS makes the select from the job-wide host-level resources
         job.Resource_List[SLOTS_RESOURCE] = 1
     log_event("queuejob", f"route {decision.rule}: queue {decision.queue}, environment {decision.environment}",
               user=facts.user, vo=decision.vo, log_file=log_file)
+
+
+SCATTERING = ("scatter", "vscatter")
+SANDBOX_REFUSED = ("blahvm: -W sandbox=PRIVATE is not supported: OpenPBS makes the private job directory "
+                   "after execjob_begin has made the job's guest, which could not see it (submit without it)")
+
+
+def _chunks(select: Optional[str]) -> int:
+    """How many chunks a ``select`` asks for (``2:ncpus=1+1:mem=1gb`` is 3); 1 without one."""
+    if not select:
+        return 1
+    total = 0
+    for chunk in select.split("+"):
+        head = chunk.split(":")[0]
+        total += int(head) if head.isdigit() and len(head) <= MAX_DIGITS else 1
+    return max(total, 1)
+
+
+def one_host_refusal(sandbox: Optional[str], place: Optional[str], select: Optional[str]) -> Optional[str]:
+    """Why a job cannot run in one guest, or None. A job runs in one guest on one host: chunks spread
+    over hosts (``place=scatter`` or ``vscatter`` with more than one chunk) would put the others on
+    hosts with no guest of theirs; ``sandbox=PRIVATE`` names a directory made after the guest (pure)."""
+    if sandbox and sandbox.upper() == "PRIVATE":
+        return SANDBOX_REFUSED
+    arrangement = [part for part in (place or "").split(":") if part in SCATTERING]
+    if arrangement and _chunks(select) > 1:
+        return (f"blahvm: place={place} spreads the job's {_chunks(select)} chunks over hosts; a job runs in one "
+                "guest on one host (leave place out, or use place=pack)")
+    return None
+
+
+def packed_place(place: Optional[str]) -> str:
+    """``place`` with every chunk on one host, the job's guest's: the arrangement becomes ``pack``
+    (``free``, PBS's default, may spread chunks over hosts); sharing and ``group=`` stay (pure)."""
+    kept = [part for part in (place or "").split(":") if part and part not in ("free", "pack") + SCATTERING]
+    return ":".join(["pack"] + kept)
+
+
+def exec_hosts(exec_host: Optional[str]) -> Tuple[str, ...]:
+    """The distinct hosts of ``exec_host`` (``vm/0*2+vm/1``), in order (pure)."""
+    hosts: List[str] = []
+    for part in (exec_host or "").split("+"):
+        host = part.split("/")[0].strip()
+        if host and host not in hosts:
+            hosts.append(host)
+    return tuple(hosts)
+
+
+def start_refusal(job) -> Optional[str]:
+    """Why a job that reached execjob_begin cannot run in one guest (a ``qalter`` after queuejob
+    routed it), or None: a permanent refusal, never retried."""
+    hosts = exec_hosts(_text(getattr(job, "exec_host", None)))
+    if len(hosts) > 1:
+        return f"blahvm: the job's chunks are on {len(hosts)} hosts; a job runs in one guest on one host"
+    sandbox = _text(getattr(job, "sandbox", None))
+    if sandbox and sandbox.upper() == "PRIVATE":
+        return SANDBOX_REFUSED
+    return None
 
 
 def select_with_slot(select: str) -> str:
@@ -746,6 +813,12 @@ def shared_dir(path: Optional[str], uid: int) -> bool:
 def _begin(pbs, event, site, settings, log_file) -> None:
     job = event.job
     facts = job_from_hook(pbs, job)
+    refused = start_refusal(job)
+    if refused:
+        log_event("execjob_begin", f"{Outcome.FAIL_JOB.value}: {refused}", job_id=facts.job_id, user=facts.user,
+                  log_file=log_file or site.host.log_file)
+        job.delete()
+        event.reject(refused)
     workdir = begin_workdir(job, facts.user)
     budget = float(settings.get("budget", DEFAULT_BUDGET))
     try:
@@ -774,21 +847,54 @@ def _launch(event, wrapper: str) -> None:
     event.argv = argv
 
 
-def _end(event, site, log_file) -> None:
+def _event_code(pbs, name: str) -> object:
+    """The pbs module's code of an event, or a value no event has where this PBS lacks the event."""
+    return getattr(pbs, name, object())
+
+
+def _end(pbs, event, kind, site, log_file) -> None:
+    """Tear the guest down. At execjob_epilogue (before the mom sends the job's obit) the guest's usage,
+    read at teardown, is charged to the job's ``resources_used`` (``blahvm.batch.pbs_usage``)."""
     from blahvm.lifecycle import teardown
 
     job_id = str(event.job.id)
     result = teardown(site, job_id)
-    log_event("execjob_end", f"{result.outcome.value}: {result.message}", job_id=job_id,
+    name = "execjob_epilogue" if kind == pbs.EXECJOB_EPILOGUE else "execjob_end"
+    logs = log_file or site.host.log_file
+    log_event(name, f"{result.outcome.value}: {result.message}", job_id=job_id, log_file=logs)
+    if kind == pbs.EXECJOB_EPILOGUE:
+        from blahvm.batch.pbs_usage import charge_job
+
+        log_event(name, charge_job(pbs, event.job, site), job_id=job_id, log_file=logs)
+
+
+def _suspension(pbs, event, kind, site, log_file) -> None:
+    """``qsig -s suspend``: the mom stops the job's processes (the starter), then execjob_postsuspend pauses
+    the guest; ``qsig -s resume``: execjob_preresume resumes the guest before the mom continues the starter
+    (``post_suspend`` and ``local_supres`` in ``src/resmom/requests.c``). A guest that cannot be resumed now
+    (the hypervisor did not answer) refuses the resume: the job stays suspended, whole, and the admin's qsig
+    says so; a job without a running guest is the mom's alone."""
+    from blahvm.lifecycle import resume, suspend
+
+    job_id = str(event.job.id)
+    resuming = kind == _event_code(pbs, "EXECJOB_PRERESUME")
+    result = (resume if resuming else suspend)(site, job_id)
+    name = "execjob_preresume" if resuming else "execjob_postsuspend"
+    log_event(name, f"{result.outcome.value}: {result.message}", job_id=job_id,
               log_file=log_file or site.host.log_file)
+    if resuming and result.outcome is Outcome.RETRY_ELSEWHERE:
+        event.reject(" ".join(result.message.split()))
 
 
-def host_slots(site):
+def host_slots(site, pbs_jobs: Optional[Sequence[str]] = None):
     """``resources_available.blahvm_slots``: the guests PBS may run here, free slots plus those its jobs'
     guests hold now (at most ``max_guests``). PBS subtracts each running job's ``blahvm_slots=1`` itself:
     publishing only the free slots counted every running guest twice (observed: two jobs on two slots
-    ran, the others stayed queued until the next cycle). Returns (slots or None when it cannot be known,
-    the capacity it was taken from)."""
+    ran, the others stayed queued until the next cycle). ``pbs_jobs``: the ids of the jobs PBS has on this
+    host (``e.job_list``); only their guests are added back, so guests PBS does not know of (``blahvm run``,
+    a job of another batch system on the same installation) lower the figure and PBS sends no job that
+    execjob_begin would have to refuse. Returns (slots or None when it cannot be known, the capacity it
+    was taken from)."""
     from blahvm.ledger import Ledger
     from blahvm.ledger.errors import LedgerError
     from blahvm.lifecycle import capacity
@@ -798,14 +904,16 @@ def host_slots(site):
         return None, free
     try:
         with Ledger(site.host) as ledger:
-            held = len(ledger.live())
+            live = [entry.job_id for entry in ledger.live()]
     except LedgerError as error:
         return None, attrs.evolve(free, outcome=Outcome.RETRY_ELSEWHERE, message=str(error))
+    held = len(live) if pbs_jobs is None else sum(1 for job_id in live if job_id in set(pbs_jobs))
     return min(max(int(free.guests), 0) + held, site.host.max_guests), free
 
 
 def _periodic(pbs, event, site, log_file) -> None:
-    slots, free = host_slots(site)
+    listed = getattr(event, "job_list", None)
+    slots, free = host_slots(site, None if listed is None else [str(job_id) for job_id in listed])
     if slots is None:
         log_event("exechost_periodic", free.message, log_file=log_file or site.host.log_file)
         return

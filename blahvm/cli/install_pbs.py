@@ -10,7 +10,8 @@ import shlex
 import sys
 
 HOOK_NAME = "blahvm"
-HOOK_EVENTS = "queuejob,execjob_begin,execjob_launch,execjob_epilogue,execjob_end,exechost_periodic"
+HOOK_EVENTS = ("queuejob,execjob_begin,execjob_launch,execjob_epilogue,execjob_end,execjob_postsuspend,"
+               "execjob_preresume,exechost_periodic")
 
 
 def add_parser(systems) -> None:

@@ -1,5 +1,5 @@
 # blahvm's OpenPBS hook: queuejob, execjob_begin / execjob_prologue, execjob_launch, execjob_epilogue /
-# execjob_end, exechost_periodic. PBS runs it with its own Python, no __file__ and __name__ 'builtins':
+# execjob_end, execjob_postsuspend / execjob_preresume, exechost_periodic. PBS runs it with its own Python, no __file__ and __name__ 'builtins':
 # where blahvm lives and which site config to use come from the hook's config file (JSON), imported
 # with `qmgr -c "import hook blahvm application/x-config default blahvm_hook.json"`. See docs/pbs.md.
 import json

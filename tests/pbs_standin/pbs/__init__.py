@@ -11,11 +11,13 @@ import json
 QUEUEJOB, MODIFYJOB, MOVEJOB, RUNJOB = 1, 2, 4, 8
 EXECJOB_BEGIN, EXECJOB_PROLOGUE, EXECJOB_EPILOGUE, EXECJOB_END = 64, 128, 256, 512
 EXECJOB_PRETERM, EXECJOB_LAUNCH, EXECHOST_PERIODIC, EXECHOST_STARTUP = 1024, 2048, 4096, 8192
+EXECJOB_POSTSUSPEND, EXECJOB_PRERESUME = 0x80000, 0x100000
 EVENTS = {"queuejob": QUEUEJOB, "modifyjob": MODIFYJOB, "movejob": MOVEJOB, "runjob": RUNJOB,
           "execjob_begin": EXECJOB_BEGIN, "execjob_prologue": EXECJOB_PROLOGUE,
           "execjob_epilogue": EXECJOB_EPILOGUE, "execjob_end": EXECJOB_END, "execjob_preterm": EXECJOB_PRETERM,
           "execjob_launch": EXECJOB_LAUNCH, "exechost_periodic": EXECHOST_PERIODIC,
-          "exechost_startup": EXECHOST_STARTUP}
+          "exechost_startup": EXECHOST_STARTUP, "execjob_postsuspend": EXECJOB_POSTSUSPEND,
+          "execjob_preresume": EXECJOB_PRERESUME}
 LOG_DEBUG, LOG_WARNING, LOG_ERROR = 0x0004, 0x0002, 0x0001
 ND_OFFLINE = 1
 
@@ -35,6 +37,10 @@ class size(str):
 
 
 class select(str):
+    pass
+
+
+class place(str):
     pass
 
 
@@ -61,7 +67,7 @@ class job(object):
     def __init__(self, attributes):
         self._rerun = self._delete = False
         for name, value in attributes.items():
-            if name == "Resource_List":
+            if name in ("Resource_List", "resources_used"):
                 value = pbs_resource(value)
             elif name == "queue" and value:
                 value = queue(value)
@@ -111,6 +117,8 @@ class _Event(object):
         self.argv = spec.get("argv")
         self.env = spec.get("env")
         self.vnode_list = {_local: vnode(_local)}
+        if "job_list" in spec:  # exechost_periodic: the jobs this mom has, by id
+            self.job_list = {job_id: job({"id": job_id}) for job_id in spec["job_list"]}
         self._verdict = None
         self._message = ""
 
