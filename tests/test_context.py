@@ -23,8 +23,7 @@ from blahvm.hypervisor import naming
 from blahvm.image.guest_init import AGENT_PATH, AGENT_PORTS
 from blahvm.ledger import Ledger
 from blahvm.lifecycle import prepare, reap, teardown
-from blahvm.lifecycle.prepare import CLOUD_INIT_READY_TIMEOUT, DEFAULT_READY_TIMEOUT, ready_timeout_of
-from blahvm.lifecycle.templates import why_not
+from blahvm.lifecycle._common import CLOUD_INIT_READY_TIMEOUT, DEFAULT_READY_TIMEOUT, ready_timeout_of
 from blahvm.model import Outcome
 from blahvm.quantities import Duration
 from tests.test_lifecycle import (
@@ -298,10 +297,43 @@ def test_reap_removes_an_orphaned_seed(tmp_path, golden, keep_driver):
     assert_nothing_left(config, keep_driver)
 
 
-def test_a_cloud_init_environment_boots_rather_than_restore(tmp_path, golden):
-    environment = cloud_config_site(tmp_path, golden, start="auto").environments["demo"]
-    assert why_not(environment) == "context: cloud-init guests start from no saved state yet"
-    assert why_not(attrs.evolve(environment, context="none")) is None
+def test_a_cloud_init_environment_may_start_from_a_saved_state_keyed_by_its_additions(tmp_path, golden,
+                                                                                      keep_driver):
+    from blahvm.hypervisor.images import verify_image
+    from blahvm.lifecycle import templates
+    from blahvm.quantities import Size
+
+    config = cloud_config_site(tmp_path, golden, start="auto")
+    environment = config.environments["demo"]
+    assert templates.why_not(environment) is None
+    image = verify_image(environment.name, environment.image, environment.sha256, config.host.state_dir)
+    shape = templates.Shape(Size(256 * 1024**2), 1)
+    keys = {templates.key_of(config, keep_driver, attrs.evolve(environment, **change), image, shape)
+            for change in ({}, {"context": "none"}, {"user_data": canonical({"runcmd": [["true"]]})},
+                           {"user_data": canonical({"runcmd": [["false"]]})})}
+    assert len(keys) == 4  # what cloud-init made of the site's additions is in the state
+
+
+def test_a_guest_restored_from_a_template_gets_the_jobs_seed_in_place_of_the_templates():
+    from blahvm.hypervisor import saved
+    from blahvm.hypervisor.domain import BackingFile, DiskSpec, GuestMetadata, GuestSpec, build_domain_xml
+    from blahvm.quantities import Size
+
+    template = GuestSpec(name="blahvm-template-0123", uuid="11111111-2222-3333-4444-555555555555", flavour="kvm",
+                         memory=Size(256 * 1024**2), vcpus=1,
+                         disks=(DiskSpec("/pool/blahvm-template-0123.qcow2", backing=BackingFile("/img/g.qcow2")),),
+                         seed="/pool/blahvm-template-0123-seed.iso",
+                         metadata=GuestMetadata(job_id="template", user="root", environment="e", host="h", created=1))
+    metadata = GuestMetadata(job_id="7", user="alice", environment="e", host="h", created=2)
+    backing = BackingFile("/state/templates/t-0123/disk.qcow2", backing=BackingFile("/img/g.qcow2"))
+    xml = saved.job_definition(build_domain_xml(template), "blahvm-7-abc", "99999999-2222-3333-4444-555555555555",
+                               metadata, (saved.JobDisk("/pool/blahvm-7-abc.qcow2", backing),
+                                          saved.JobDisk("/pool/blahvm-7-abc-seed.iso")), ())
+    disk, seed = ET.fromstring(xml).findall("devices/disk")
+    assert disk.find("source").get("file") == "/pool/blahvm-7-abc.qcow2"
+    assert seed.find("source").get("file") == "/pool/blahvm-7-abc-seed.iso" and seed.find("backingStore") is None
+    assert seed.find("readonly") is not None and seed.find("target").get("dev") == "vdb"
+    assert "template-0123-seed" not in xml
 
 
 def test_a_jobs_directory_is_shared_with_no_kernel_command_line(tmp_path, golden, keep_driver):

@@ -14,7 +14,8 @@ from blahvm.lifecycle.accounting import AccountingRecord, AccountingReport, acco
 from blahvm.lifecycle.capacity import capacity
 from blahvm.lifecycle.follow import follow
 from blahvm.lifecycle.launch import LAUNCH_FAILED, launch, wait_ready
-from blahvm.lifecycle.prepare import DEFAULT_READY_TIMEOUT, FROM_ENVIRONMENT, prepare
+from blahvm.lifecycle._common import DEFAULT_READY_TIMEOUT
+from blahvm.lifecycle.prepare import FROM_ENVIRONMENT, prepare
 from blahvm.lifecycle.reap import reap
 from blahvm.lifecycle.run import RunResult, run_job
 from blahvm.lifecycle.results import Capacity, PrepareResult, ReadyResult, ReapReport, TeardownResult

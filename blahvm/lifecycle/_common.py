@@ -16,6 +16,12 @@ from blahvm.jobshare import release, share_root
 from blahvm.lifecycle import _rundir
 from blahvm.model import Environment, Outcome, SiteConfig
 
+# Seconds from start to the agent's answer where the environment sets no ready_timeout
+# (docs/configuration.md). TCG on busy hosts is slow; a stock image boots systemd and runs
+# cloud-init (the site's packages and commands too) before its agent starts.
+DEFAULT_READY_TIMEOUT = 120.0
+CLOUD_INIT_READY_TIMEOUT = 600.0
+
 AGENT_SOCKET = "agent.{}.sock"  # the names guest.client.acquire_port looks for
 MAX_AGENT_PORTS = 16  # one per vcpu, so each task of a parallel job has its own; a virtio-serial bus has 31
 
@@ -58,6 +64,13 @@ class JobNames:
         """Every volume the job's guest gets, recorded in the ledger before any is made."""
         volumes = (self.disk, self.scratch) if environment.scratch else (self.disk,)
         return volumes + (self.seed,) if environment.context == "cloud-init" else volumes
+
+
+def ready_timeout_of(environment: Environment) -> float:
+    """How long to wait for the agent of ``environment``'s guests when no caller says."""
+    if environment.ready_timeout is not None:
+        return float(environment.ready_timeout)
+    return CLOUD_INIT_READY_TIMEOUT if environment.context == "cloud-init" else DEFAULT_READY_TIMEOUT
 
 
 def control_socket_of(run_dir: str) -> str:

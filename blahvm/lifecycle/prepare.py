@@ -42,16 +42,17 @@ from blahvm.jobshare import ShareRefused, check_owned_dir, jail, mount_point, pi
 from blahvm.ledger import Entry, Ledger, LedgerError, NoCapacity, State
 from blahvm.lifecycle import static, templates
 from blahvm.lifecycle._bringup import BringUp, hand_over_socket, job_identity, make_run_dir
-from blahvm.lifecycle._common import Refusal, best_effort_dismantle, clone_pool, connect, job_names, queue_slots
+from blahvm.lifecycle._common import (
+    Refusal,
+    best_effort_dismantle,
+    clone_pool,
+    connect,
+    job_names,
+    queue_slots,
+    ready_timeout_of,
+)
 from blahvm.lifecycle.results import PrepareResult
 from blahvm.model import Environment, Job, Outcome, SiteConfig
-
-# Seconds from start to the agent's answer where the environment sets no ready_timeout
-# (docs/configuration.md). TCG on busy hosts is slow; a stock image boots systemd and runs
-# cloud-init (the site's packages and commands too) before its agent starts.
-DEFAULT_READY_TIMEOUT = 120.0
-CLOUD_INIT_READY_TIMEOUT = 600.0
-
 
 class _FromEnvironment:
     def __repr__(self) -> str:
@@ -59,13 +60,6 @@ class _FromEnvironment:
 
 
 FROM_ENVIRONMENT = _FromEnvironment()  # the environment's ready_timeout, else the default for its kind
-
-
-def ready_timeout_of(environment: Environment) -> float:
-    """How long a prepare waits for the agent of ``environment``'s guests when its caller does not say."""
-    if environment.ready_timeout is not None:
-        return float(environment.ready_timeout)
-    return CLOUD_INIT_READY_TIMEOUT if environment.context == "cloud-init" else DEFAULT_READY_TIMEOUT
 
 
 def prepare(config: SiteConfig, job: Job, *, ready_timeout=FROM_ENVIRONMENT) -> PrepareResult:
@@ -251,8 +245,11 @@ class _Preparation(BringUp):
         make_run_dir(self.config.host.run_dir, names.run_dir)
         backing = BackingFile(template.disk, "qcow2", backing=BackingFile(self.golden.path, self.golden.format))
         spec = self._spec((DiskSpec(path, "qcow2", backing=backing),))
-        xml = saved.job_definition(template.header.xml, spec.name, spec.uuid, spec.metadata,
-                                   (saved.JobDisk(path, backing),), spec.channels)
+        disks = (saved.JobDisk(path, backing),)
+        seed = self._seed()  # in place of the template's: its guest ran cloud-init with a job-less one
+        if seed is not None:
+            disks += (saved.JobDisk(seed),)
+        xml = saved.job_definition(template.header.xml, spec.name, spec.uuid, spec.metadata, disks, spec.channels)
         self._move(entry, State.BOOTING)
         started = time.monotonic()
         state = templates.job_state(self.config, template, names.guest, xml)
@@ -294,7 +291,9 @@ class _Preparation(BringUp):
         """Take away what the restore made (its guest, the overlay, the share) and, with ``drop``,
         the template that failed (made again on next need); back to cloning, for a boot."""
         guests.destroy_and_undefine(self.conn, self.names.guest)
-        clone_pool(self.config, self.conn).delete_volume(self.names.disk)
+        pool = clone_pool(self.config, self.conn)
+        pool.delete_volume(self.names.disk)
+        pool.delete_volume(self.names.seed)  # the boot makes its own
         templates.forget_job_state(self.config, self.names.guest)
         if self.workdir is not None:
             release(share_root(self.config.host.run_dir), self.names.guest)

@@ -38,9 +38,10 @@ from typing import List, Optional
 
 import attrs
 
+from blahvm.context import JobContext, make_seed, seed_files
 from blahvm.guest import agent as agent_module
 from blahvm.guest import client
-from blahvm.hypervisor import guests, saved
+from blahvm.hypervisor import guests, naming, saved
 from blahvm.hypervisor.connection import Connection
 from blahvm.hypervisor.domain import BackingFile, DiskSpec, GuestMetadata, GuestSpec, build_domain_xml, guest_uuid
 from blahvm.hypervisor.errors import HypervisorError
@@ -48,7 +49,14 @@ from blahvm.hypervisor.images import ImageInfo
 from blahvm.hypervisor.storage import ClonePool
 from blahvm.hypervisor.kvm import resolve_domain_type
 from blahvm.lifecycle import _rundir
-from blahvm.lifecycle._common import AGENT_SOCKET, MAX_AGENT_PORTS, clone_pool, control_socket_of, job_state_path
+from blahvm.lifecycle._common import (
+    AGENT_SOCKET,
+    MAX_AGENT_PORTS,
+    clone_pool,
+    control_socket_of,
+    job_state_path,
+    ready_timeout_of,
+)
 from blahvm.model import Environment, SiteConfig
 from blahvm.quantities import Size
 from blahvm.trust import directory_problem
@@ -57,7 +65,6 @@ FORMAT = 2  # of a template directory; a new format is a new key (2: shared memf
 TEMPLATE_PREFIX = "blahvm-template-"  # its guest, volume and run dir while it is made
 MAKING = ".making-"
 RESTORING = ".restoring"
-READY_TIMEOUT = 120.0
 
 
 class TemplateUnusable(Exception):
@@ -102,8 +109,6 @@ def why_not(environment: Environment) -> Optional[str]:
     """Why this environment's jobs boot whatever templates exist, or None if they may start from one."""
     if environment.start == "boot":
         return "the environment says start: boot"
-    if environment.context == "cloud-init":  # its template would need a seed of its own, kept with it
-        return "context: cloud-init guests start from no saved state yet"
     if environment.flavour != "kvm":
         return f"the {environment.flavour} flavour starts no saved states here"
     if environment.clone != "overlay":
@@ -147,6 +152,8 @@ def key_of(config: SiteConfig, conn: Connection, environment: Environment, golde
         "libvirt": conn.call("libvirt version", conn.raw.getLibVersion),
         "hypervisor": conn.call("hypervisor version", conn.raw.getVersion),
     }
+    if environment.context != "none":  # what cloud-init made of the site's additions is in the state
+        facts["context"] = [environment.context, environment.user_data]
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -292,6 +299,10 @@ def _make_in(config, conn, environment, golden, shape, key, scratch, on_guest, b
         raise TemplateUnusable(f"pool {config.hypervisor.pool} is gone: its site was removed")
     volume = name + ".qcow2"
     disk = pool.clone_overlay(golden, volume)
+    seed = None
+    if environment.context == "cloud-init":  # no job's: the agent and the site's additions; the bind names it
+        context = JobContext(instance_id=name, hostname=naming.guest_hostname(name))
+        seed = pool.create_seed(naming.seed_volume_name(name), make_seed(seed_files(context, environment.user_data)))
     _rundir.make(config.host.run_dir, run_dir)
     ports = max(1, min(shape.vcpus, MAX_AGENT_PORTS))  # the job's guest has the same channels
     spec = GuestSpec(
@@ -301,6 +312,7 @@ def _make_in(config, conn, environment, golden, shape, key, scratch, on_guest, b
         memory=shape.memory,
         vcpus=shape.vcpus,
         disks=(DiskSpec(disk, "qcow2", backing=BackingFile(golden.path, golden.format)),),
+        seed=seed,  # each job restored from the state gets its own in its place
         metadata=GuestMetadata(job_id=f"template {environment.name}", user="root", environment=environment.name,
                                host=socket.gethostname(), created=int(time.time()), ledger=config.host.state_dir),
         agent_sockets=tuple(os.path.join(run_dir, AGENT_SOCKET.format(i)) for i in range(ports)),
@@ -316,7 +328,8 @@ def _make_in(config, conn, environment, golden, shape, key, scratch, on_guest, b
     guests.start_bound_to_connection(conn, build_domain_xml(spec))  # gone when this process is
     if on_guest is not None:
         on_guest(name)
-    _wait_ready(spec.control_socket, scratch)  # its agent answers: booted. Never bound, so it never ran anything.
+    # its agent answers: booted. Never bound, so it never ran anything.
+    _wait_ready(spec.control_socket, scratch, ready_timeout_of(environment))
     state = os.path.join(scratch, "state.save")
     saved.save(conn, name, state)
     header = saved.read_header(state)
@@ -343,10 +356,10 @@ def _make_in(config, conn, environment, golden, shape, key, scratch, on_guest, b
         os.fsync(file.fileno())
 
 
-def _wait_ready(control_socket: str, scratch: str) -> None:
+def _wait_ready(control_socket: str, scratch: str, timeout: float) -> None:
     """Until the template guest's agent answers, in short waits: a maker whose scratch dir vanished
     (its site was removed) stops at once instead of waiting out the whole timeout."""
-    deadline = time.monotonic() + READY_TIMEOUT
+    deadline = time.monotonic() + timeout
     while True:
         if not os.path.isdir(scratch):
             raise TemplateUnusable(f"{scratch} vanished while the template guest booted: its site was removed")
@@ -359,8 +372,8 @@ def _wait_ready(control_socket: str, scratch: str) -> None:
 
 
 def _take_apart_guest(config: SiteConfig, conn: Connection, key: str) -> None:
-    """The template guest, its volume and run dir: gone is fine. Nothing is made to do it (a pool
-    removed with its site stays removed)."""
+    """The template guest, its volumes (disk and seed) and run dir: gone is fine. Nothing is made to
+    do it (a pool removed with its site stays removed)."""
     name = guest_name(key)
     with contextlib.suppress(HypervisorError):
         guests.destroy_and_undefine(conn, name)
@@ -368,6 +381,7 @@ def _take_apart_guest(config: SiteConfig, conn: Connection, key: str) -> None:
         pool = ClonePool.find(conn, config.hypervisor.pool)
         if pool is not None:
             pool.delete_volume(name + ".qcow2")
+            pool.delete_volume(naming.seed_volume_name(name))
     run_dir = os.path.join(config.host.run_dir, name)
     with contextlib.suppress(OSError):
         if os.path.isdir(run_dir):
