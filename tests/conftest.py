@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.fixtures_image import demo_image, demo_image_dir  # noqa: F401  (session fixtures)
+from tests.fixtures_image import cloud_image, demo_image, demo_image_dir  # noqa: F401  (session fixtures)
 from tests.real_batch import NO_SHARED
 
 

@@ -1,5 +1,6 @@
-"""``blahvm image``: golden images. ``build-demo`` builds (or reuses) the demo image: progress goes
-to stderr; stdout ends with the YAML entry for the site config's ``environments:``. ``warm`` makes
+"""``blahvm image``: golden images. ``build-demo`` builds (or reuses) the demo image, or with
+``--cloud-init`` the stock-like cloud image (cloud-init, no agent): progress goes to stderr; stdout
+ends with the YAML entry for the site config's ``environments:``. ``warm`` makes
 the saved-state templates of the site's environments ahead of their first jobs: one line each.
 """
 
@@ -23,12 +24,23 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> None:
         "build-demo",
         help="build the demo golden image from Debian packages (cached)",
         description="Build the demo golden image from Debian packages, or reuse the cached one, "
-        "and print its `environments:` entry for the site config.",
+        "and print its `environments:` entry for the site config. With --cloud-init, build instead a "
+        "Debian 12 image like a stock cloud image: a disk that boots by itself, with systemd, "
+        "cloud-init and python3, no blahvm agent, no password and no key; its entry says "
+        "`context: cloud-init`, so each job's seed brings the agent, the job's user and hostname.",
     )
     build.add_argument(
-        "--dest", metavar="DIR", help="image cache directory (default /var/lib/blahvm/images/demo)"
+        "--cloud-init", action="store_true",
+        help="the stock-like cloud image (cloud-init, no agent) instead of the demo image",
     )
-    build.add_argument("--name", default="demo", help="environment name in the printed entry (default demo)")
+    build.add_argument(
+        "--dest", metavar="DIR",
+        help="image cache directory (default /var/lib/blahvm/images/demo, "
+             "or /var/lib/blahvm/images/cloud with --cloud-init)",
+    )
+    build.add_argument(
+        "--name", help="environment name in the printed entry (default demo, or cloud with --cloud-init)"
+    )
     build.set_defaults(run=run_build_demo)
     warm = commands.add_parser(
         "warm",
@@ -46,14 +58,18 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> None:
 def run_build_demo(args: argparse.Namespace) -> int:
     # Imported here: every blahvm command builds this parser, and only this one needs the builder.
     from blahvm.image import ImageBuildError, build_demo_image, print_progress
+    from blahvm.image.cloud import build_cloud_image
 
     try:
-        image = build_demo_image(args.dest, progress=print_progress)
+        if args.cloud_init:
+            image = build_cloud_image(args.dest, progress=print_progress)
+        else:
+            image = build_demo_image(args.dest, progress=print_progress)
     except ImageBuildError as error:
         print(f"blahvm image build-demo: {error}", file=sys.stderr)
         return 1
     print(f"# add under `environments:` in the site config (image {image.key})")
-    sys.stdout.write(image.environment_yaml(args.name))
+    sys.stdout.write(image.environment_yaml(args.name or ("cloud" if args.cloud_init else "demo")))
     return 0
 
 

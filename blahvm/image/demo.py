@@ -9,23 +9,19 @@ leaves a half image that looks finished and two builders never race.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import glob
 import gzip
 import hashlib
 import json
 import os
 import shutil
-import sys
-import tempfile
 import time
-from typing import Callable, Iterator, List, Optional
+from typing import List, Optional
 
 import attrs
 import yaml
 
 from blahvm.image import cpio, debs, guest_init, kmod, rootfs
+from blahvm.image.cache import Progress, Steps, build_cached, make_dest, print_progress, reclaim_golden, source_key
 from blahvm.image.errors import ImageBuildError
 from blahvm.model import Environment
 from blahvm.quantities import Size
@@ -63,8 +59,11 @@ GUEST_MODULES = ("virtio_console", "fuse", "virtiofs")  # the agent's port; shar
 MIN_DISK = 512 * 1024**2  # free room for jobs; a qcow2 stores no empty clusters
 
 GOLDEN, KERNEL, INITRD, MANIFEST = "golden.qcow2", "vmlinuz", "initrd.img", "manifest.json"
+# The modules that make this image: a change to another (the cloud image's builder) leaves its key alone.
+KEY_MODULES = ("cache", "commands", "cpio", "debs", "demo", "errors", "guest_init", "kmod", "rootfs")
+WHAT = "demo image"
 
-Progress = Callable[[str], None]
+__all__ = ["DEFAULT_DEST", "DemoImage", "build_demo_image", "image_key", "print_progress"]
 
 
 @attrs.frozen
@@ -126,18 +125,7 @@ def _read_agent() -> Optional[bytes]:
 
 def image_key(agent: Optional[bytes]) -> str:
     """A short hash of everything that makes the image: the builder's code and the agent."""
-    digest = hashlib.sha256(b"blahvm demo image\0")
-    here = os.path.dirname(os.path.abspath(__file__))
-    for path in sorted(glob.glob(os.path.join(here, "*.py"))):
-        with open(path, "rb") as stream:
-            digest.update(os.path.basename(path).encode() + b"\0" + stream.read() + b"\0")
-    digest.update(b"agent\0" + (agent if agent is not None else b"none"))
-    return digest.hexdigest()[:16]
-
-
-def print_progress(line: str) -> None:
-    """A ``progress`` callable that writes each line to stderr."""
-    print(line, file=sys.stderr, flush=True)
+    return source_key(b"blahvm demo image", KEY_MODULES, b"agent\0" + (agent if agent is not None else b"none"))
 
 
 def build_demo_image(dest: Optional[str] = None, progress: Optional[Progress] = None) -> DemoImage:
@@ -148,42 +136,23 @@ def build_demo_image(dest: Optional[str] = None, progress: Optional[Progress] = 
     key = image_key(agent)
     cached = _load(os.path.join(dest, key))
     if cached is not None:
-        report(f"demo image: reusing {cached.directory}")
+        report(f"{WHAT}: reusing {cached.directory}")
         return _reclaimed(cached)
     if os.geteuid() != 0:
         # chroot runs the guest's python, and the guest's files must be owned by root
         raise ImageBuildError(f"no demo image in {dest} yet, and building one needs root")
+    make_dest(dest)
+    if agent is None:
+        report(f"{WHAT}: no guest agent at {agent_path()}: building without one")
+
+    def build(work: str, out: str, steps: Steps) -> None:
+        _Build(work, out, dest, key, agent, steps).run()
+
     try:
-        os.makedirs(dest, mode=0o755, exist_ok=True)
-    except OSError as error:
-        raise ImageBuildError(f"cannot create the image directory {dest}: {error.strerror}") from None
-    try:
-        return _build_locked(dest, key, agent, report)
+        image, built = build_cached(dest, key, WHAT, _load, build, report)
     except OSError as error:  # a full disk, a read-only directory: one line, not a traceback
         raise ImageBuildError(f"building the demo image in {dest} failed: {error}") from None
-
-
-def _build_locked(dest: str, key: str, agent: Optional[bytes], report: Progress) -> DemoImage:
-    with _locked(os.path.join(dest, ".lock"), report):
-        cached = _load(os.path.join(dest, key))  # another builder may have finished meanwhile
-        if cached is not None:
-            report(f"demo image: reusing {cached.directory}")
-            return _reclaimed(cached)
-        for stale in glob.glob(os.path.join(dest, ".build-*")):  # left by a crashed build
-            shutil.rmtree(stale, ignore_errors=True)
-        if agent is None:
-            report(f"demo image: no guest agent at {agent_path()}: building without one")
-        work = tempfile.mkdtemp(prefix=".build-", dir=dest)
-        try:
-            started = time.monotonic()
-            _Build(work, dest, key, agent, _Steps(report)).run()
-            os.rename(os.path.join(work, "out"), os.path.join(dest, key))
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        image = _load(os.path.join(dest, key))
-        assert image is not None, "a completed build must load"
-        report(f"demo image: built {image.directory} in {time.monotonic() - started:.1f}s")
-        return attrs.evolve(image, reused=False)
+    return attrs.evolve(image, reused=False) if built else _reclaimed(image)
 
 
 def _load(directory: str) -> Optional[DemoImage]:
@@ -213,64 +182,18 @@ def _load(directory: str) -> Optional[DemoImage]:
 
 
 def _reclaimed(image: DemoImage) -> DemoImage:
-    """The image with its golden root's and read-only again (as root; else as found).
-
-    An older blahvm let libvirt chown goldens to QEMU's user for good, and prepare now refuses a
-    golden anyone but root could write. Taking it back is safe: the changed ctime makes the next
-    prepare hash the golden again against the sha256 in the manifest, which stayed root's. The
-    kernel and initrd are left alone: libvirt lends them to QEMU's user while any guest runs and
-    counts its loans in their xattrs; taking one back under a running guest makes libvirt refuse
-    every later start ("Setting different DAC user or group ... already in use").
-    """
-    if os.geteuid() != 0:
-        return image
-    for path in (image.image,):
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            status = os.fstat(fd)
-            if (status.st_uid, status.st_gid) != (0, 0):
-                os.fchown(fd, 0, 0)
-            if status.st_mode & 0o7777 != 0o444:
-                os.fchmod(fd, 0o444)
-        finally:
-            os.close(fd)
+    reclaim_golden(image.image)
     return image
-
-
-@contextlib.contextmanager
-def _locked(path: str, report: Progress) -> Iterator[None]:
-    with open(path, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            report("demo image: waiting for another build of it to finish")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-class _Steps:
-    """Reports each build step as it starts and how long it took."""
-
-    def __init__(self, report: Progress) -> None:
-        self.report = report
-
-    @contextlib.contextmanager
-    def __call__(self, what: str) -> Iterator[None]:
-        self.report(f"demo image: {what} ...")
-        started = time.monotonic()
-        yield
-        self.report(f"demo image: {what}: {time.monotonic() - started:.1f}s")
 
 
 class _Build:
     """One build in the scratch directory ``work``; the finished image is left in ``work/out``."""
 
-    def __init__(self, work: str, dest: str, key: str, agent: Optional[bytes], step: _Steps) -> None:
-        self.work, self.dest, self.key, self.agent, self.step = work, dest, key, agent, step
-        self.out = os.path.join(work, "out")
+    def __init__(self, work: str, out: str, dest: str, key: str, agent: Optional[bytes], step: Steps) -> None:
+        self.work, self.out, self.dest, self.key, self.agent, self.step = work, out, dest, key, agent, step
         self.root = os.path.join(work, "root")
         self.kernel_tree = os.path.join(work, "kernel")
-        for directory in (self.out, self.root, self.kernel_tree):
+        for directory in (self.root, self.kernel_tree):
             os.makedirs(directory, mode=0o755)
 
     def run(self) -> None:
