@@ -205,8 +205,10 @@ def _pre_post(serverdir: str, hook: str, environ: Dict[str, str], timeout: float
     environ.pop("HOME", None)
     environ["PATH"] = LSF_PATH
     command = shlex.quote(os.path.join(serverdir, hook))
+    # in a process group of its own, as sbatchd's child for the job (setPGid) runs it
     return subprocess.run(["/bin/sh", "-c", command], env=environ, cwd="/tmp", stdin=subprocess.DEVNULL,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout).returncode
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout,
+                          process_group=0).returncode
 
 
 def run_pre_exec(serverdir: str, environ: Dict[str, str], timeout: float = 300) -> int:

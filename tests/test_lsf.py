@@ -460,6 +460,52 @@ def test_pre_exec_refuses_a_job_the_esub_never_routed(site):
     assert lsf.run_pre_exec(serverdir, lsf.job_env("52", "short", "nobody", {})) == 1
 
 
+def test_pre_exec_tells_the_user_why_in_the_jobs_error_file(site, tmp_path):
+    """volclava's PRE_EXEC has stdio on /dev/null and no message channel: the reason goes into the job's
+    -e file (else -o), appended as the job's user before LSF appends its report there."""
+    hints = {"BLAHVM_ENVIRONMENT": "slc4", "BLAHVM_SUBMIT_QUEUE": "grid"}
+    serverdir = site["serverdir"]
+    work = tmp_path.__class__(site["dir"]) / "notices"  # the harness site is 0755: nobody reaches it
+    work.mkdir()
+    os.chown(work, 65534, 65534)
+    lsf.set_project(serverdir, "61", "projA")
+    err = work / "61.err"
+    env = lsf.job_env("61", "short", "nobody", hints, LSB_ERRORFILE=str(err), LSB_OUTPUTFILE=str(work / "61.out"))
+    assert lsf.run_pre_exec(serverdir, env) == 99
+    line = err.read_text()
+    assert line.startswith("blahvm: job 61 did not start: job 61: ") and line.count("\n") == 1, line
+    assert err.stat().st_uid == 65534 and not (work / "61.out").exists()
+    # only -o, given relative to the submission directory: there
+    lsf.set_project(serverdir, "62", "projA")
+    env = lsf.job_env("62", "short", "nobody", hints, LSB_OUTPUTFILE="62.out", LS_SUBCWD=str(work))
+    assert lsf.run_pre_exec(serverdir, env) == 99
+    assert (work / "62.out").read_text().startswith("blahvm: job 62 did not start: ")
+    # a link the user planted towards root's file is not followed, and nothing is written as root
+    lsf.set_project(serverdir, "63", "projA")
+    target = tmp_path / "roots"
+    target.write_text("root's\n")
+    (work / "63.err").symlink_to(target)
+    assert lsf.run_pre_exec(serverdir, lsf.job_env("63", "short", "nobody", hints, LSB_ERRORFILE=str(work / "63.err"))) == 99
+    assert target.read_text() == "root's\n"
+    # a directory: LSF's ID.err inside; a place the user may not write: nothing, the log says so
+    lsf.set_project(serverdir, "64", "projA")
+    assert lsf.run_pre_exec(serverdir, lsf.job_env("64", "short", "nobody", hints, LSB_ERRORFILE=f"{work}/")) == 99
+    assert (work / "64.err").read_text().startswith("blahvm: job 64 did not start: ")
+    lsf.set_project(serverdir, "65", "projA")
+    assert lsf.run_pre_exec(serverdir, lsf.job_env("65", "short", "nobody", hints, LSB_ERRORFILE=str(tmp_path / "x"))) == 99
+    assert not (tmp_path / "x").exists()  # tmp_path is root's, 0700
+
+
+def test_notice_line_is_one_printable_line():
+    from blahvm.batch.lsf.notice import job_file, notice_line
+
+    assert notice_line("7", "environment \x1b[31mx\ny does not exist") == \
+        "blahvm: job 7 did not start: environment \\x1b[31mx y does not exist\n"
+    assert job_file({"LSB_OUTPUTFILE": "/dev/null", "LSB_ERRORFILE": "/dev/null"}) is None
+    assert job_file({"LSB_OUTPUTFILE": "o", "LS_SUBCWD": "relative"}) is None
+    assert job_file({"LSB_ERRORFILE": "/e", "LSB_OUTPUTFILE": "/o"}) == "/e"
+
+
 def test_pre_exec_re_pends_while_lsf_cannot_say(site, tmp_path):
     serverdir = str(tmp_path / "serverdir")
     os.mkdir(serverdir)

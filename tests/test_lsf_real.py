@@ -18,11 +18,12 @@ import time
 import pytest
 import yaml
 
-from tests.lava_cluster import BINDIR, ENVDIR, Lava, available
+from tests.lava_cluster import BINDIR, ENVDIR, FINISHED, Lava, available
 from tests.real_batch import SUBMIT_USER, remove_pool_and_its_guests, virsh
 
 pytestmark = pytest.mark.guest
 
+OTHER_MEMORY_MIB = 384  # environment "other": the demo image with more memory than "vm" (256 MiB)
 SYSTEM_PYTHON = "/usr/bin/python3"  # every user runs the esub and the starter; the venv's lives under /root
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
@@ -45,9 +46,11 @@ def lava(demo_image):
                  "run_dir": f"/run/blahvm-lava-{os.getpid()}", "log_file": f"{directory}/blahvm.log"},
         "defaults": {"walltime": "1h", "cores": 1},
         "vo_mapping": [{"account": "^(?P<vo>cms|atlas)$"}],
-        "environments": {"vm": vm},
+        "environments": {"vm": vm, "other": dict(vm, memory=f"{OTHER_MEMORY_MIB}MiB")},
         "queues": {"grid": {}, "short": {"max_walltime": "10h"}},
         "routes": [
+            {"name": "cms-other", "when": {"queue": "grid", "vo": "cms", "environment": "other"},
+             "queue": "short", "environment": "other"},
             {"name": "cms-short", "when": {"queue": "grid", "vo": "cms", "walltime": "<= 10h"},
              "queue": "short", "environment": "vm"},
             {"name": "nobody-else", "reject": "no execution environment is offered to this VO"},
@@ -74,7 +77,7 @@ def lava(demo_image):
         cluster.up()
         cluster.run([f"{BINDIR}/bkill", "-u", "all", "0"])  # jobs an interrupted run left queued
         cluster.driver("install-esub", os.path.join(hooks, "esub.blahvm"), "blahvm")
-        for resource in ("blahvm_slots", "blahvm_env_vm"):
+        for resource in ("blahvm_slots", "blahvm_env_vm", "blahvm_env_other"):
             cluster.driver("install-elim", os.path.join(hooks, "elim"), resource)
         # every queue users can reach refuses a job the esub did not route: the routing queue and LSF's
         # default queue have PRE_EXEC too (docs/lsf.md)
@@ -245,4 +248,95 @@ def test_a_job_that_skips_the_esub_never_runs_on_the_host(lava):
         assert not os.path.exists(f"{work}/ran-{name}"), (name, _log(lava))
         with open(os.path.join(lava.site["dir"], "blahvm.log")) as stream:
             assert f"job {job_id} was not routed by blahvm" in stream.read(), (name, _log(lava))
+        # the reason reaches the user: PRE_EXEC appends it to the job's -e file, before LSF's report
+        with open(f"{work}/{job_id}.err") as stream:
+            assert stream.read().startswith(f"blahvm: job {job_id} did not start: job {job_id} was not routed by "
+                                            "blahvm"), (name, _log(lava))
+    _nothing_left(lava)
+
+
+def test_the_environment_asked_for_is_the_guests(lava):
+    """-a "blahvm(other)" gets a guest of environment other (more memory than vm's); an environment the
+    site does not have is refused at bsub, named."""
+    meminfo = "sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo"
+    asked = _submit(lava, ["-q", "grid", "-P", "cms", "-a", "blahvm(other)", "/bin/sh", "-c", meminfo])
+    default = _submit(lava, ["-q", "grid", "-P", "cms", "/bin/sh", "-c", meminfo])
+    for job_id in (asked, default):
+        fields = lava.wait(job_id)
+        assert fields["QUEUE"] == "short" and lava.exit_status(job_id) == 0, (fields, _log(lava))
+    work = lava.site["work"]
+    other, vm = (int(_output(f"{work}/{job_id}.out")) for job_id in (asked, default))
+    assert 256 * 1024 < other <= OTHER_MEMORY_MIB * 1024 and vm <= 256 * 1024, (other, vm)
+    rejected = lava.bsub(["-q", "grid", "-P", "cms", "-a", "blahvm(el7)", "/bin/true"], cwd=lava.site["dir"])
+    assert rejected.returncode != 0 and "Job <" not in rejected.stdout
+    assert ("blahvm: job rejected: environment el7 does not exist here (asked for with -a \"blahvm(el7)\" or "
+            "$BLAHVM_ENVIRONMENT); this site offers other, vm") in rejected.stderr, rejected.stderr
+    _settled(lava)
+    _nothing_left(lava)
+
+
+def _running_in_guest(lava, job_id, lines: int = 1, timeout: float = 300):
+    """Wait until the job runs and its payload in the guest has written ``lines`` lines (bpeek)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        fields = lava.job(job_id)
+        assert fields.get("STAT") not in FINISHED, (fields, _log(lava))
+        if fields.get("STAT") == "RUN":
+            peek = lava.run([f"{BINDIR}/bpeek", job_id], user=SUBMIT_USER).stdout
+            if len([line for line in peek.splitlines() if line.isdigit() or line == "started"]) >= lines:
+                return
+        assert time.monotonic() < deadline, (fields, _log(lava))
+        time.sleep(0.5)
+
+
+def test_bkill_of_a_running_job_leaves_nothing(lava):
+    job_id = _submit(lava, ["-q", "grid", "-P", "cms", "/bin/sh", "-c", "echo started; sleep 600"])
+    _running_in_guest(lava, job_id)
+    killed = lava.run([f"{BINDIR}/bkill", job_id], user=SUBMIT_USER)
+    assert killed.returncode == 0, (killed.stdout, killed.stderr)
+    fields = lava.wait(job_id, timeout=180)
+    # bkill sends SIGINT, SIGTERM, SIGKILL to the job's processes; the starter passes the first to the
+    # payload in the guest and exits 128 + 2 with it
+    assert fields["STAT"] == "EXIT" and lava.exit_status(job_id) == 130, (fields, lava.exit_status(job_id), _log(lava))
+    assert _output(f"{lava.site['work']}/{job_id}.out") == "started\n"
+    _settled(lava)
+    _nothing_left(lava)
+
+
+def test_bstop_pauses_the_guest_and_bresume_resumes_it(lava):
+    """volclava stops the job's processes (SIGSTOP); PRE_EXEC's follower pauses the guest with them:
+    no CPU time passes in it until bresume, and the job ends with its exact output and exit code."""
+    from blahvm.config import load_config
+    from blahvm.hypervisor.connection import open_connection
+    from blahvm.hypervisor.stats import domain_usage
+    from blahvm.ledger import Ledger
+
+    count = "i=0; while [ $i -lt 30 ]; do echo $i; i=$((i+1)); sleep 0.2; done; exit 7"
+    job_id = _submit(lava, ["-q", "grid", "-P", "cms", "/bin/sh", "-c", count])
+    _running_in_guest(lava, job_id, lines=3)
+    config = load_config(lava.site["config"])
+    with Ledger(config.host) as ledger:
+        guest = ledger.get(job_id).guest
+    stopped = lava.run([f"{BINDIR}/bstop", job_id], user=SUBMIT_USER)
+    assert stopped.returncode == 0, (stopped.stdout, stopped.stderr)
+    with open_connection(config.hypervisor.uri, timeout=30) as conn:
+        deadline = time.monotonic() + 60
+        while virsh("domstate", guest).stdout.strip() != "paused":
+            assert time.monotonic() < deadline, (lava.job(job_id), virsh("domstate", guest).stdout, _log(lava))
+            time.sleep(0.2)
+        assert lava.job(job_id)["STAT"] == "USUSP"
+        before = domain_usage(conn, guest).vcpu_seconds
+        time.sleep(4)
+        assert domain_usage(conn, guest).vcpu_seconds == pytest.approx(before, abs=0.05)
+        assert lava.job(job_id)["STAT"] == "USUSP"
+    resumed = lava.run([f"{BINDIR}/bresume", job_id], user=SUBMIT_USER)
+    assert resumed.returncode == 0, (resumed.stdout, resumed.stderr)
+    fields = lava.wait(job_id)
+    assert fields["STAT"] == "EXIT" and lava.exit_status(job_id) == 7, (fields, _log(lava))
+    assert _output(f"{lava.site['work']}/{job_id}.out") == "".join(f"{i}\n" for i in range(30))
+    _settled(lava)
+    deadline = time.monotonic() + 60  # the follower sees the job's shell gone within its poll
+    while f"follow: job={job_id} job {job_id}: its starters have exited; guest paused 1 times" not in _log(lava):
+        assert time.monotonic() < deadline, _log(lava)
+        time.sleep(0.5)
     _nothing_left(lava)

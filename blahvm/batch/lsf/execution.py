@@ -280,6 +280,7 @@ def _pre_exec(config_path: str, environ: Mapping[str, str], bjobs: str = "bjobs"
     except NotRunnable as error:
         log_event("pre-exec", f"{error}: ending the job", job_id=environ.get("LSB_JOBID"), log_file=log_file)
         _say(str(error))
+        _tell_user(environ, str(error), log_file)
         return PRE_EXEC_FAIL_JOB
     result = prepare(config, job)
     code = {Outcome.OK: PRE_EXEC_OK, Outcome.RETRY_ELSEWHERE: PRE_EXEC_RETRY}.get(result.outcome, PRE_EXEC_FAIL_JOB)
@@ -287,7 +288,40 @@ def _pre_exec(config_path: str, environ: Mapping[str, str], bjobs: str = "bjobs"
               user=job.user, vo=job.decision.vo, guest=result.guest, log_file=log_file)
     if code:
         _say(result.message)
+    if code == PRE_EXEC_FAIL_JOB:
+        _tell_user(environ, result.message, log_file)
+    elif code == PRE_EXEC_OK:
+        _start_follower(config_path, job.job_id, log_file)
     return code
+
+
+def _tell_user(environ: Mapping[str, str], reason: str, log_file: Optional[str]) -> None:
+    """The reason the job ends, into the job's -e/-o file as its user (blahvm.batch.lsf.notice)."""
+    from blahvm.batch.log import log_event
+    from blahvm.batch.lsf.notice import tell_user
+
+    try:
+        job_id, account = job_id_of(environ), job_user(environ)
+    except NotRunnable as error:
+        log_event("pre-exec", f"the reason reaches no user: {error}", job_id=environ.get("LSB_JOBID"), log_file=log_file)
+        return
+    problem = tell_user(environ, job_id, account.pw_uid, account.pw_gid, reason)
+    if problem:
+        log_event("pre-exec", f"the reason reaches no user: {problem}", job_id=job_id, log_file=log_file)
+
+
+def _start_follower(config_path: str, job_id: str, log_file: Optional[str]) -> None:
+    """bstop/bresume pause and resume the guest: a root follower of the job's process group leader."""
+    from blahvm.batch.log import log_event
+    from blahvm.batch.lsf.follower import job_leader, start_follower
+
+    leader = job_leader()
+    if leader is None:
+        problem = "PRE_EXEC leads its own process group: no job to follow"
+    else:
+        problem = start_follower(config_path, job_id, leader)
+    if problem:
+        log_event("pre-exec", f"{problem}: bstop will not pause the guest", job_id=job_id, log_file=log_file)
 
 
 # -- JOB_STARTER ---------------------------------------------------------------------------------
