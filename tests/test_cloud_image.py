@@ -185,3 +185,15 @@ def test_cli_prints_an_entry_a_site_config_takes_as_it_is(cloud_image, capsys):
     environment = parse_config(site, "site.yaml").environments["cloud"]
     assert (environment.image, environment.sha256) == (cloud_image.image, cloud_image.sha256)
     assert environment.context == "cloud-init" and environment.kernel is None and environment.initrd is None
+    assert environment == cloud_image.environment("cloud")  # the Python API's entry is the printed one
+
+
+def test_cli_cloud_build_failure_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    parser = argparse.ArgumentParser(prog="blahvm")
+    image_cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["image", "build-demo", "--cloud-init", "--dest", str(blocker / "sub")])
+    assert args.run(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("blahvm image build-demo: ")

@@ -29,6 +29,7 @@ from blahvm.image.cache import Progress, Steps, build_cached, make_dest, reclaim
 from blahvm.image.commands import run
 from blahvm.image.debs import sha256_of
 from blahvm.image.errors import ImageBuildError
+from blahvm.model import Environment
 from blahvm.quantities import Size
 
 DEFAULT_DEST = "/var/lib/blahvm/images/cloud"
@@ -80,6 +81,12 @@ class CloudImage:
     python: str  # the guest's python3 version
     cloud_init: str  # the guest's cloud-init version
     reused: bool = attrs.field(default=False, eq=False)
+
+    def environment(self, name: str = "cloud") -> Environment:
+        return Environment(
+            name=name, image=self.image, flavour="kvm", memory=CLOUD_MEMORY, vcpus=CLOUD_VCPUS,
+            sha256=self.sha256, context="cloud-init",
+        )
 
     def environment_entry(self) -> Dict[str, object]:
         return {
