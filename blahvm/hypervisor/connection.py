@@ -62,9 +62,12 @@ def bounded(what: str, uri: str, timeout: float, function: Callable[..., T], *ar
             f"libvirt at {uri} did not answer '{what}' within {timeout:g}s: "
             "libvirtd may be wedged; check it on this host"
         )
-    error = outcome.get("error")
+    # emptied before raising: the error's traceback holds ``run``'s frame, whose closure holds
+    # ``outcome``; kept, that cycle (and the connection in the error's frames) would outlive the
+    # call until the cyclic collector runs, and keep test:///default's state alive with it
+    error = outcome.pop("error", None)
     if error is None:
-        return outcome["value"]
+        return outcome.pop("value")
     if isinstance(error, libvirt().libvirtError):
         raise map_libvirt_error(error, what, uri) from None
     raise error
