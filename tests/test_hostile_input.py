@@ -189,13 +189,16 @@ attribute_values = st.one_of(hostile_text, st.none(), st.integers(-2**40, 2**40)
 
 @st.composite
 def hook_events(draw):
-    kind = draw(st.sampled_from(["queuejob", "execjob_begin", "execjob_launch", "execjob_end", "exechost_periodic"]))
+    kind = draw(st.sampled_from(["queuejob", "execjob_begin", "execjob_launch", "execjob_epilogue", "execjob_end",
+                                 "execjob_postsuspend", "execjob_preresume", "exechost_periodic"]))
     resources = draw(st.dictionaries(st.sampled_from(["walltime", "select", "ncpus", "mem", "blahvm_env", "nodes"]),
                                      hostile_text, max_size=4))
     job = {"id": draw(st.one_of(st.just("12.server"), hostile_text)), "queue": draw(st.one_of(st.just("grid"), hostile_text)),
            "Account_Name": draw(st.one_of(st.none(), hostile_text)), "Job_Name": draw(hostile_text),
            "euser": draw(st.one_of(st.just("nobody"), hostile_text)), "Resource_List": resources,
-           "Variable_List": draw(st.dictionaries(hostile_text, hostile_text, max_size=3))}
+           "Variable_List": draw(st.dictionaries(hostile_text, hostile_text, max_size=3)),
+           "sandbox": draw(st.one_of(st.none(), st.just("PRIVATE"), hostile_text)),
+           "exec_host": draw(st.one_of(st.none(), st.just("vm/0*2+other/0"), hostile_text))}
     event = {"type": kind, "requestor": draw(st.one_of(st.just("nobody"), hostile_text)), "job": job}
     if draw(st.booleans()):
         event["progname"] = draw(hostile_text)

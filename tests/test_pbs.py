@@ -361,14 +361,29 @@ def test_queuejob_rejects_with_the_rules_reason(installed):
     assert done["message"] == "no execution environment is offered to this VO"  # workq: no route
 
 
-def test_execjob_begin_of_a_job_the_rules_refuse_deletes_it(installed):
+def test_a_job_the_rules_refuse_at_execjob_begin_ends_with_the_reason_on_its_stderr(installed, tmp_path):
+    """Accepted at execjob_begin (a rejected begin hook reaches neither the job's comment nor its output),
+    then execjob_launch runs the refusal in the job's place: the reason on stderr, exit 255, nothing else."""
     home, _ = installed
     done = hook_event(home, "execjob_begin", job={
         "id": "3.vm", "queue": "short", "euser": "nobody", "egroup": "nogroup",
         "Resource_List": {"walltime": "20:00:00", "ncpus": 1}})
-    assert done["verdict"] == "reject" and done["delete"] and not done["rerun"]
-    assert done["message"] == ("job 3.vm: rejected on this host: no route puts this job in queue short: "
-                               "no execution environment is offered to this VO")
+    assert done["verdict"] == "accept" and not done["delete"] and not done["rerun"], done
+    launch = hook_event(home, "execjob_launch", progname="/bin/sh", argv=[], env={"PBS_JOBID": "3.vm"},
+                        job={"id": "3.vm", "queue": "short", "euser": "nobody"})
+    assert launch["verdict"] == "accept" and launch["progname"] == "/bin/sh", launch
+    script = tmp_path / "3.vm.SC"
+    script.write_text(f"touch {tmp_path}/ran\n")
+    for script_job in (True, False):  # the mom's argv rebuild for script jobs keeps the same command
+        progname, argv = pbs_harness.mom_exec_argv(launch["progname"], launch["argv"], script_job)
+        ran = pbs_harness.run_job_program(progname, argv, {"PATH": "/bin:/usr/bin"}, "/", "nobody",
+                                          stdin_file=str(script) if script_job else None)
+        assert ran.code == pbs.REFUSED_EXIT and ran.stdout == b"", ran
+        assert ran.stderr == (b"blahvm: job 3.vm: rejected on this host: no route puts this job in queue short: "
+                              b"no execution environment is offered to this VO\n")
+    assert not (tmp_path / "ran").exists()
+    again = hook_event(home, "execjob_launch", progname="/bin/sh", argv=[], env={}, job={"id": "3.vm"})
+    assert again["progname"] == str(home / "mom_priv" / "blahvm_job_starter")  # the note is used once
 
 
 def test_execjob_launch_puts_the_wrapper_in_the_jobs_place(installed):

@@ -386,3 +386,20 @@ def test_a_permanent_refusal_at_start_ends_the_job_once_with_its_reason(openpbs)
     traced = openpbs.run([f"{PREFIX}/bin/tracejob", "-n", "2", job_id])  # where OpenPBS keeps the reason
     assert "sandbox=PRIVATE is not supported" in traced.stdout, (traced.stdout, traced.stderr)
     _nothing_left(openpbs)
+
+
+def test_a_job_the_rules_refuse_at_start_ends_once_with_the_reason_on_its_stderr(openpbs):
+    """A job altered after queuejob (qalter -l walltime beyond every route) is refused by the rules at
+    execjob_begin: it is not requeued nor held; it ends at once with the reason in its .e file."""
+    user = openpbs.site["user"].pw_name
+    job_id = _submit(openpbs, "refused", ["-h", "--", "/bin/sh", "-c", "echo ran; exit 0"])
+    for command in (["qalter", "-l", "walltime=20:00:00", job_id], ["qrls", job_id]):
+        done = openpbs.run([f"{PREFIX}/bin/{command[0]}", *command[1:]], user=user)
+        assert done.returncode == 0, (command, done.stdout, done.stderr)
+    fields = _finished(openpbs, job_id, timeout=180)
+    assert fields["Exit_status"] == 255 and fields.get("Hold_Types", "n") == "n", (fields, _log(openpbs))
+    assert _read(f"{openpbs.site['work']}/refused.out") == ""
+    assert _read(f"{openpbs.site['work']}/refused.err") == (
+        f"blahvm: job {job_id}: rejected on this host: no route puts this job in queue short: "
+        "no execution environment is offered to this VO\n")
+    _nothing_left(openpbs)

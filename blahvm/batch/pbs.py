@@ -626,7 +626,7 @@ def openpbs_hook(pbs, settings: Mapping) -> None:
         elif kind in (pbs.EXECJOB_BEGIN, pbs.EXECJOB_PROLOGUE):
             _begin(pbs, event, _load(config_path), settings, log_file)
         elif kind == pbs.EXECJOB_LAUNCH:
-            _launch(event, settings["job_starter"])
+            _launch(event, _load(config_path), settings["job_starter"])
         elif kind in (pbs.EXECJOB_EPILOGUE, pbs.EXECJOB_END):
             _end(pbs, event, kind, _load(config_path), log_file)
         elif kind in (_event_code(pbs, "EXECJOB_POSTSUSPEND"), _event_code(pbs, "EXECJOB_PRERESUME")):
@@ -713,7 +713,7 @@ def _chunks(select: Optional[str]) -> int:
     total = 0
     for chunk in select.split("+"):
         head = chunk.split(":")[0]
-        total += int(head) if head.isdigit() and len(head) <= MAX_DIGITS else 1
+        total += int(head) if head.isascii() and head.isdigit() and len(head) <= MAX_DIGITS else 1
     return max(total, 1)
 
 
@@ -831,8 +831,54 @@ def _begin(pbs, event, site, settings, log_file) -> None:
     if answer.outcome is Outcome.RETRY_ELSEWHERE:  # a bare reject requeues: never job.rerun() here
         event.reject(" ".join(answer.message.split()))
     elif answer.outcome is Outcome.FAIL_JOB:
-        job.delete()
-        event.reject(" ".join(answer.message.split()))
+        # Accepted, so that the job ends with the reason on its stderr (execjob_launch runs the refusal in
+        # its place): a rejected begin hook can reach neither the job's comment nor its output.
+        note_refusal(site.host.state_dir, facts.job_id, answer.message)
+
+
+# -- a permanent refusal at execjob_begin, told to the job's user -----------------------------------
+
+REFUSED_EXIT = 255  # as the job starter's: the job never ran
+REFUSALS = "pbs-refusals"  # under host.state_dir (root's): execjob_begin's reason for execjob_launch
+
+
+def _refusal_path(state_dir: str, job_id: str) -> str:
+    return os.path.join(state_dir, REFUSALS, job_id.encode("utf-8", "surrogatepass").hex())
+
+
+def note_refusal(state_dir: str, job_id: str, reason: str) -> None:
+    """Keep ``reason`` (one line) for the job's execjob_launch, root-only."""
+    directory = os.path.join(state_dir, REFUSALS)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd = os.open(_refusal_path(state_dir, job_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8", errors="replace") as stream:
+        stream.write(" ".join(reason.split()))
+
+
+def take_refusal(state_dir: str, job_id: str) -> Optional[str]:
+    """The reason execjob_begin kept for the job, removed; None when it refused nothing."""
+    path = _refusal_path(state_dir, job_id)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, encoding="utf-8", errors="replace") as stream:
+        reason = stream.read(4096)
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    return reason
+
+
+def refused_launch(reason: str) -> Tuple[str, List[str]]:
+    """What execjob_launch runs in the place of a refused job: the reason on its stderr, exit 255, on the
+    host as the job's user, nothing else (the reason is an argument, never shell text). The mom's argv
+    rebuild for script jobs (``-sh`` then the hook's argv[1:]) keeps it the same command."""
+    from blahvm.errors import printable
+
+    return "/bin/sh", ["/bin/sh", "-c", f'printf "%s\\n" "$1" >&2; exit {REFUSED_EXIT}', "blahvm",
+                       f"blahvm: {printable(reason)}"]
 
 
 def launch_rewrite(progname: str, argv: Sequence[str], wrapper: str) -> Tuple[str, List[str]]:
@@ -841,7 +887,11 @@ def launch_rewrite(progname: str, argv: Sequence[str], wrapper: str) -> Tuple[st
     return wrapper, [wrapper, progname] + list(argv)[1:]
 
 
-def _launch(event, wrapper: str) -> None:
+def _launch(event, site, wrapper: str) -> None:
+    reason = take_refusal(site.host.state_dir, str(event.job.id))
+    if reason is not None:
+        event.progname, event.argv = refused_launch(reason)
+        return
     progname, argv = launch_rewrite(str(event.progname), [str(a) for a in (event.argv or [])], wrapper)
     event.progname = progname
     event.argv = argv
@@ -859,6 +909,7 @@ def _end(pbs, event, kind, site, log_file) -> None:
 
     job_id = str(event.job.id)
     result = teardown(site, job_id)
+    take_refusal(site.host.state_dir, job_id)  # a refused job that never reached execjob_launch
     name = "execjob_epilogue" if kind == pbs.EXECJOB_EPILOGUE else "execjob_end"
     logs = log_file or site.host.log_file
     log_event(name, f"{result.outcome.value}: {result.message}", job_id=job_id, log_file=logs)
