@@ -24,6 +24,7 @@ from blahvm.ledger import Consumed, Ledger, State, database
 from blahvm.ledger.entries import Entry
 from blahvm.lifecycle import accounting, follow, prepare, resume, suspend, teardown
 from blahvm.lifecycle.accounting import GONE, record_of
+from blahvm.lifecycle.apel import HEADER, ApelSite, apel_message
 from blahvm.lifecycle.follow import stopped_state
 from blahvm.model import HostConfig, Outcome
 from blahvm.quantities import Size
@@ -100,6 +101,38 @@ def test_provisioning_is_until_the_guest_runs_and_wall_from_then_until_teardown(
     assert (ran.provision_seconds, ran.wall_seconds, ran.cpu_seconds) == (6.0, 60.0, 9.0)
     never = record_of(entry([("reserved", 100.0), ("booting", 101.0), ("tearing_down", 130.0), ("closed", 131.0)]))
     assert (never.provision_seconds, never.wall_seconds, never.cpu_seconds) == (30.0, 0.0, None)
+
+
+SITE = ApelSite(site="EXAMPLE-SITE", submit_host="ce01.example.org:9619/blah-slurm-grid", machine="wn1.example.org",
+                hepspec=12.5)
+
+
+def test_an_apel_message_carries_the_guests_cpu_and_the_slots_wall_time():
+    ran = record_of(entry([("reserved", 1000.0), ("running", 1006.0), ("tearing_down", 1066.4), ("closed", 1068.0)],
+                          consumed=Consumed(cpu_seconds=59.6, max_memory=Size(300 * MiB)), queue="grid"))
+    lost = record_of(entry([("reserved", 1000.0), ("tearing_down", 1010.0), ("closed", 1011.0)]))
+    message, skipped = apel_message([ran, lost], SITE)
+    assert skipped == 1  # no CPU time: left out rather than reported as an idle job
+    assert message == "\n".join([
+        HEADER, "Site: EXAMPLE-SITE", "SubmitHost: ce01.example.org:9619/blah-slurm-grid",
+        "MachineName: wn1.example.org", "Queue: grid", "LocalJobId: 7", "LocalUserId: u", "VO: cms",
+        "WallDuration: 66", "CpuDuration: 60", "Processors: 1", "NodeCount: 1", "StartTime: 1000", "EndTime: 1068",
+        "InfrastructureType: grid", "MemoryReal: 307200", "ServiceLevelType: HEPSPEC", "ServiceLevel: 12.5",
+        "%%"]) + "\n"
+    assert apel_message([lost], SITE) == ("", 1)  # APEL refuses a message without records
+
+
+def test_an_apel_field_is_one_printable_line_and_a_jobs_odd_text_is_left_out():
+    for bad in ("", " padded", "two\nlines", "bell\x07", "x" * 300):
+        with pytest.raises(ValueError, match="site: "):
+            ApelSite(site=bad, submit_host="ce", machine="wn", hepspec=10)
+    for hepspec in (0, -1, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="HEPSPEC06"):
+            ApelSite(site="S", submit_host="ce", machine="wn", hepspec=hepspec)
+    odd = record_of(entry([("reserved", 1.0), ("running", 2.0), ("closed", 3.0)], consumed=Consumed(cpu_seconds=1.0),
+                          queue="q\n%%\nSite: OTHER"))
+    message, _ = apel_message([odd], SITE)
+    assert "OTHER" not in message and "Queue:" not in message and message.count("%%") == 1
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -208,6 +241,14 @@ def test_accounting_command_prints_one_record_per_run(site):  # noqa: F811
         "no job ended on this host in that time\n"
     bad = blahvm("accounting", "--config", site, "--since", "soon")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stdout == ""
+    # test:///default keeps no CPU time: an APEL message leaves both runs out and says so
+    apel = blahvm("accounting", "--config", site, "--apel", "EXAMPLE-SITE", "--hepspec", "10")
+    assert (apel.returncode, apel.stdout) == (0, "") and "2 run(s) left out" in apel.stderr, apel.stderr
+    for wrong, said in ((["--apel", "S"], "--apel needs --hepspec"), (["--hepspec", "10"], "go with --apel"),
+                        (["--apel", "two words\nline", "--hepspec", "1"], "--apel: site: must be one line"),
+                        (["--apel", "S", "--hepspec", "nan"], "HEPSPEC06")):
+        refused = blahvm("accounting", "--config", site, *wrong)
+        assert refused.returncode == 2 and said in refused.stderr and refused.stderr.count("\n") == 1, refused.stderr
     missing = blahvm("suspend", "--config", site, "--job-id", "9.srv")
     assert missing.returncode == 76 and missing.stderr == "blahvm: suspend 9.srv: no running guest\n"
 
@@ -344,3 +385,8 @@ def test_real_guest_pauses_with_its_job_and_its_usage_is_accounted(demo_image):
         assert written >= 8 * MiB
         assert record.max_memory_bytes > 0 and record.disk_read_bytes > 0 and record.note is None
         assert record.wall_seconds > 0 and record.provision_seconds > 0
+        # the same run as APEL sees it: the guest's CPU seconds, the slot's wall time, its peak memory
+        message, skipped = apel_message([record], ApelSite("EXAMPLE-SITE", "ce.example.org", "wn1", 10.0))
+        fields = dict(line.split(": ", 1) for line in message.splitlines()[1:-1])
+        assert skipped == 0 and fields["CpuDuration"] == str(round(record.cpu_seconds))
+        assert fields["MemoryReal"] == str(record.max_memory_bytes // 1024) and fields["LocalJobId"] == job.job_id

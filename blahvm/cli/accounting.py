@@ -33,7 +33,17 @@ def add_parser(commands) -> None:
                         help="only runs that ended at or after T: a date or time (2024-05-01, 2024-05-01T12:00, "
                              "local unless it has an offset) or a time ago (90m, 2d, 3600)")
     parser.add_argument("--job-id", metavar="ID", help="only this job's runs")
-    parser.add_argument("--json", action="store_true", help="one JSON object per line, one line per run")
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="one JSON object per line, one line per run")
+    shape.add_argument("--apel", metavar="SITE",
+                       help="an APEL individual job message (v0.3) for the GOCDB site SITE, for the APEL client "
+                            "or SSM to publish; needs --hepspec; runs whose CPU time was lost are left out "
+                            "(counted on stderr)")
+    parser.add_argument("--hepspec", type=float, metavar="N",
+                        help="with --apel: this host's HEPSPEC06 per processor (ServiceLevel)")
+    parser.add_argument("--submit-host", metavar="CE",
+                        help="with --apel: the CE's id (SubmitHost), e.g. ce01.example.org:9619/blah-slurm-grid "
+                             "(default: this host's name)")
     parser.set_defaults(run=run)
 
 
@@ -65,18 +75,46 @@ def run(args: argparse.Namespace) -> int:
         since = parse_since(args.since, time.time())
     except ValueError as error:
         return fail(str(error))
+    site = None
+    if args.apel is not None:
+        site = _apel_site(args)
+        if isinstance(site, str):
+            return fail(site)
+    elif args.hepspec is not None or args.submit_host is not None:
+        return fail("--hepspec and --submit-host go with --apel")
     config = load_config(resolved_config_path(args))
     report = accounting(config, since, args.job_id)
     if report.outcome.name != "OK":
         step(report.message)
         return exit_code(report.outcome)
-    if args.json:
+    if site is not None:
+        from blahvm.lifecycle.apel import apel_message
+
+        message, skipped = apel_message(report.records, site)
+        sys.stdout.write(message)
+        if skipped:
+            step(f"{skipped} run(s) left out of the APEL message: their guest's CPU time was lost")
+    elif args.json:
         host = socket.gethostname()
         for record in report.records:
             sys.stdout.write(json.dumps(as_json(record, host)) + "\n")
     else:
         _print_table(report.records)
     return EXIT_OK
+
+
+def _apel_site(args: argparse.Namespace):
+    """The ApelSite the options describe, or a one-line complaint."""
+    from blahvm.lifecycle.apel import ApelSite
+
+    if args.hepspec is None:
+        return "--apel needs --hepspec N: this host's HEPSPEC06 per processor"
+    host = socket.getfqdn()
+    try:
+        return ApelSite(site=args.apel, submit_host=host if args.submit_host is None else args.submit_host,
+                        machine=host, hepspec=args.hepspec)
+    except ValueError as error:
+        return f"--apel: {printable(str(error))}"
 
 
 def as_json(record, host: str) -> dict:

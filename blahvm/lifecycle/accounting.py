@@ -44,6 +44,8 @@ class AccountingRecord:
     disk_read_bytes: Optional[int]
     disk_write_bytes: Optional[int]
     note: Optional[str] = None
+    queue: Optional[str] = None  # None for runs recorded by a blahvm before queues were kept
+    vcpus: int = 1
 
 
 def consumed_of(usage: Optional[stats.DomainUsage], problem: Optional[str] = None) -> Consumed:
@@ -103,6 +105,8 @@ def record_of(entry: Entry) -> AccountingRecord:
         disk_read_bytes=used.disk_read,
         disk_write_bytes=used.disk_write,
         note=used.note,
+        queue=entry.queue,
+        vcpus=entry.vcpus,
     )
 
 
