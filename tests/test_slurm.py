@@ -19,6 +19,7 @@ import time
 import pytest
 import yaml
 
+from tests.real_batch import guests_of_pool
 from tests.slurm_cluster import NODE, SlurmCluster, available
 
 pytestmark = pytest.mark.guest
@@ -66,10 +67,20 @@ def site(demo_image):
     os.mkdir(work)
     os.chown(work, pwd.getpwnam(USER).pw_uid, pwd.getpwnam(USER).pw_gid)
     yield {"config": path, "dir": directory, "work": work, "pool": pool, "run_dir": config["host"]["run_dir"]}
+    # what a failed test left: guests whose job never reached its Epilog, their pinned shares
+    for name in guests_of_pool(directory):
+        _virsh("destroy", name)
+        _virsh("undefine", name)
     _virsh("pool-destroy", pool)
     _virsh("pool-undefine", pool)
+    shares = config["host"]["run_dir"] + "-shares"
+    with open("/proc/self/mountinfo") as stream:
+        mounted = [line.split()[4] for line in stream if line.split()[4].startswith(shares + "/")]
+    for point in sorted(mounted, reverse=True):  # never remove files through a job's bind mount
+        subprocess.run(["umount", "-l", point], check=False)
     shutil.rmtree(directory, ignore_errors=True)
     shutil.rmtree(config["host"]["run_dir"], ignore_errors=True)
+    shutil.rmtree(shares, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
