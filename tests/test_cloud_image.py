@@ -156,6 +156,9 @@ def test_cloud_init_looks_for_nocloud_only_and_nothing_waits_for_a_network(raw_d
     assert settings["datasource_list"] == ["NoCloud", "None"]
     masked = in_root(raw_disk, "stat /etc/systemd/system/systemd-networkd-wait-online.service")
     assert 'Fast link dest: "/dev/null"' in masked
+    wanted = {f"{target}/{name}" for target in ("timers.target.wants", "multi-user.target.wants")
+              for name in names_in(raw_disk, f"/etc/systemd/system/{target}")}
+    assert wanted & set(cloud.DISABLED_UNITS) == set() and "multi-user.target.wants/." in wanted
 
 
 def test_the_image_holds_no_agent_no_password_and_no_key(raw_disk):
