@@ -16,7 +16,7 @@ import subprocess
 import time
 from typing import Dict, List, Optional
 
-from tests.real_batch import SHARED, SUBMIT_USER, unavailable
+from tests.real_batch import SUBMIT_USER, NamespacedSystem, unavailable
 
 PREFIX = "/opt/volclava"
 ENVDIR = f"{PREFIX}/etc"
@@ -36,37 +36,18 @@ def _acct_fields(record: str) -> List[str]:
             for m in re.finditer(r'"((?:[^"]|"")*)"|(\S+)', record)]
 
 
-class Lava:
+class Lava(NamespacedSystem):
     """``with Lava() as lava: lava.bsub([...])``: volclava up in its namespace for the block."""
+
+    script = "lava.sh"
+    namespace = NAMESPACE
+    driver_env = {"LAVA_PREFIX": PREFIX}
+    client_env = {"PATH": PATH, "LSF_ENVDIR": ENVDIR}
 
     def __init__(self) -> None:
         self.acct = f"{PREFIX}/work/logdir/lsb.acct"
         if not os.path.isdir(os.path.dirname(self.acct)):
             self.acct = f"{PREFIX}/work/volclava/logdir/lsb.acct"
-
-    # -- the driver and the clients -----------------------------------------------------------------
-
-    def driver(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-        """``lava.sh ARGS``; raises with its output when it fails."""
-        done = subprocess.run([os.path.join(SHARED, "lava.sh"), *args], capture_output=True, text=True,
-                              timeout=timeout, cwd="/",
-                              env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LAVA_PREFIX": PREFIX, "HOME": "/root"})
-        if check and done.returncode != 0:
-            raise RuntimeError(f"lava.sh {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
-        return done
-
-    def run(self, argv: List[str], user: Optional[str] = None, cwd: str = "/", timeout: float = 60,
-            input: Optional[str] = None, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
-        """A volclava command in the namespace, as ``user`` (default root), with a clean environment."""
-        environ = {"PATH": PATH, "LSF_ENVDIR": ENVDIR, "LANG": "C.UTF-8", **(env or {})}
-        if user is not None:
-            environ.update(HOME=f"/home/{user}", USER=user, LOGNAME=user)
-        command = ["ip", "netns", "exec", NAMESPACE]
-        if user is not None:
-            command += ["runuser", "-u", user, "--"]
-        command += ["env", "-i", *(f"{k}={v}" for k, v in environ.items()), *argv]
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd, input=input,
-                              stdin=None if input is not None else subprocess.DEVNULL)
 
     def bsub(self, args: List[str], user: str = SUBMIT_USER, cwd: str = "/", input: Optional[str] = None,
              env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
@@ -134,18 +115,3 @@ class Lava:
             return float(value)
         except ValueError:
             return None
-
-    # -- start and stop ----------------------------------------------------------------------------
-
-    def up(self) -> None:
-        """Start the daemons; daemons a test run left behind (it was killed) are stopped first."""
-        if self.driver("up", check=False).returncode != 0:
-            self.driver("down", check=False)
-            self.driver("up")
-
-    def __enter__(self) -> "Lava":
-        self.up()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.driver("down")

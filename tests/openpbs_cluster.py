@@ -19,7 +19,7 @@ import subprocess
 import time
 from typing import Dict, List, Optional
 
-from tests.real_batch import SHARED, unavailable
+from tests.real_batch import NamespacedSystem, unavailable
 
 PREFIX = "/opt/pbs"
 HOME = "/var/spool/pbs"
@@ -63,30 +63,13 @@ def available() -> Optional[str]:
     return unavailable("pbs.sh", f"{PREFIX}/sbin/pbs_server", "OpenPBS")
 
 
-class OpenPBS:
+class OpenPBS(NamespacedSystem):
     """``with OpenPBS() as pbs: pbs.qsub([...])``: OpenPBS up in its namespace for the block."""
 
-    def driver(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run([os.path.join(SHARED, "pbs.sh"), *args], capture_output=True, text=True,
-                              timeout=timeout, cwd="/",
-                              env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PBS_PREFIX": PREFIX, "HOME": "/root"})
-        if check and done.returncode != 0:
-            raise RuntimeError(f"pbs.sh {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
-        return done
-
-    def run(self, argv: List[str], user: Optional[str] = None, cwd: str = "/", timeout: float = 60,
-            input: Optional[str] = None) -> subprocess.CompletedProcess:
-        """A PBS command in the namespace, as ``user`` (default root), with a clean environment."""
-        environ = {"PATH": PATH, "PBS_CONF_FILE": CONF, "LANG": "C.UTF-8"}
-        if user is not None:
-            account = pwd.getpwnam(user)
-            environ.update(HOME=account.pw_dir, USER=user, LOGNAME=user, SHELL=account.pw_shell)
-        command = ["ip", "netns", "exec", NAMESPACE]
-        if user is not None:
-            command += ["runuser", "-u", user, "--"]
-        command += ["env", "-i", *(f"{k}={v}" for k, v in environ.items()), *argv]
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd, input=input,
-                              stdin=None if input is not None else subprocess.DEVNULL)
+    script = "pbs.sh"
+    namespace = NAMESPACE
+    driver_env = {"PBS_PREFIX": PREFIX}
+    client_env = {"PATH": PATH, "PBS_CONF_FILE": CONF}
 
     def qmgr(self, command: str, check: bool = True) -> subprocess.CompletedProcess:
         done = self.run([f"{PREFIX}/bin/qmgr", "-c", command])
@@ -132,16 +115,3 @@ class OpenPBS:
                 return stream.read()[-5000:]
         except OSError:
             return ""
-
-    def up(self) -> None:
-        """Start the daemons; daemons a test run left behind (it was killed) are stopped first."""
-        if self.driver("up", check=False).returncode != 0:
-            self.driver("down", check=False)
-            self.driver("up")
-
-    def __enter__(self) -> "OpenPBS":
-        self.up()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.driver("down")

@@ -3,14 +3,16 @@ the checkout (sources, build scripts, drivers), built by ``scripts/setup-batch-s
 
 Without ``../shared`` (a user's own checkout) those tests skip with a reason that starts with
 ``NO_SHARED``; that one skip stays a skip under ``BLAHVM_STRICT=1`` (tests/conftest.py). Any other
-reason (not built, not root) is a failure of the set-up there.
+reason (not built, not root) is a failure of the set-up there. ``NamespacedSystem`` is what the
+volclava and OpenPBS clusters (tests/lava_cluster.py, tests/openpbs_cluster.py) share.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import subprocess
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("BLAHVM_BATCH_SYSTEMS") or os.path.realpath(os.path.join(ROOT, "..", "shared",
@@ -28,6 +30,52 @@ def unavailable(driver: str, built: str, what: str) -> Optional[str]:
     if not os.path.exists(built):
         return f"{what} is not built ({built} missing): run scripts/setup-batch-systems"
     return None
+
+
+class NamespacedSystem:
+    """A real batch system whose daemons run in a loopback-only network namespace, driven by
+    ``SHARED/<script>`` (``up``, ``down``, ...); every client command runs in that namespace with a clean
+    environment and a time limit. ``with System() as system:`` keeps it up for the block."""
+
+    script = ""  # the driver in SHARED: "lava.sh", "pbs.sh"
+    namespace = ""  # its network namespace: "rblava", "rbpbs"
+    driver_env: Dict[str, str] = {}  # what the driver needs beyond PATH and HOME (its prefix)
+    client_env: Dict[str, str] = {}  # PATH and where the clients find their configuration
+
+    def driver(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+        """``SCRIPT ARGS``; raises with its output when it fails (unless not ``check``)."""
+        done = subprocess.run([os.path.join(SHARED, self.script), *args], capture_output=True, text=True,
+                              timeout=timeout, cwd="/",
+                              env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", **self.driver_env})
+        if check and done.returncode != 0:
+            raise RuntimeError(f"{self.script} {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+        return done
+
+    def run(self, argv: List[str], user: Optional[str] = None, cwd: str = "/", timeout: float = 60,
+            input: Optional[str] = None, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+        """A client command in the namespace, as ``user`` (default root), with a clean environment."""
+        environ = {"LANG": "C.UTF-8", **self.client_env, **(env or {})}
+        command = ["ip", "netns", "exec", self.namespace]
+        if user is not None:
+            account = pwd.getpwnam(user)
+            environ.update(HOME=account.pw_dir, USER=user, LOGNAME=user, SHELL=account.pw_shell)
+            command += ["runuser", "-u", user, "--"]
+        command += ["env", "-i", *(f"{k}={v}" for k, v in environ.items()), *argv]
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd, input=input,
+                              stdin=None if input is not None else subprocess.DEVNULL)
+
+    def up(self) -> None:
+        """Start the daemons; daemons a test run left behind (it was killed) are stopped first."""
+        if self.driver("up", check=False).returncode != 0:
+            self.driver("down", check=False)
+            self.driver("up")
+
+    def __enter__(self):
+        self.up()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.driver("down")
 
 
 # -- the test site's libvirt leftovers ------------------------------------------------------------
