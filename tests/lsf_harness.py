@@ -229,6 +229,28 @@ def run_job_starter(serverdir: str, environ: Dict[str, str], command_line: str, 
                           capture_output=True, timeout=timeout, **_as(user))
 
 
+def start_job(serverdir: str, environ: Dict[str, str], command_line: str, user: str, cwd: str) -> subprocess.Popen:
+    """sbatchd's child for a job (``execJob``): it leads a process group of its own (``setPGid``), runs
+    the queue's PRE_EXEC in it (root, ``/tmp``, stdio on /dev/null, no HOME), and when that exits 0
+    becomes the job: the starter pasted before the command line under ``/bin/sh -c`` as the user.
+    Its stdout and stderr are pipes; a refused PRE_EXEC makes it exit with PRE_EXEC's status."""
+    account = pwd.getpwnam(user)
+    pre = dict(environ, PATH=LSF_PATH)
+    pre.pop("HOME", None)
+    starter = os.path.join(serverdir, "blahvm-job-starter")
+    job_line = f"{shlex.quote(starter)} {command_line}"
+
+    def env_i(values: Dict[str, str]) -> str:
+        return "env -i " + " ".join(shlex.quote(f"{k}={v}") for k, v in values.items())
+
+    script = (f"(cd /tmp && {env_i(pre)} /bin/sh -c {shlex.quote(shlex.quote(os.path.join(serverdir, 'blahvm-pre-exec')))}"
+              " </dev/null >/dev/null 2>&1) || exit $?\n"
+              f"cd {shlex.quote(cwd)} && exec setpriv --reuid={account.pw_uid} --regid={account.pw_gid} --clear-groups "
+              f"{env_i(dict(environ, LS_EXEC_T='START'))} /bin/sh -c {shlex.quote(job_line)}\n")
+    return subprocess.Popen(["/bin/sh", "-c", script], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, process_group=0, env={"PATH": LSF_PATH})
+
+
 def start_elim(serverdir: str, name: str, resources: str, abort: int = 5) -> subprocess.Popen:
     return subprocess.Popen([os.path.join(serverdir, name)], cwd="/tmp", stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
