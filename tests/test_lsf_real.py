@@ -7,6 +7,7 @@ with bsub as ``rbuser`` from a directory of theirs.
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -339,4 +340,39 @@ def test_bstop_pauses_the_guest_and_bresume_resumes_it(lava):
     while f"follow: job={job_id} job {job_id}: its starters have exited; guest paused 1 times" not in _log(lava):
         assert time.monotonic() < deadline, _log(lava)
         time.sleep(0.5)
+    _nothing_left(lava)
+
+
+# Burns 2 s of CPU as the guest's own clock counts it (utime+stime of the shell and its children, in
+# USER_HZ = 100 ticks), then prints what it counted (as tests/test_accounting.py).
+BURN = ('while :; do set -- $(cat /proc/$$/stat); t=$((${14}+${15}+${16}+${17})); [ $t -ge 200 ] && break; '
+        'i=0; while [ $i -lt 2000 ]; do i=$((i+1)); done; done; echo $t')
+
+
+def _lsf_cpu_seconds(lava, job_id) -> float:
+    """What volclava recorded of the job's CPU time: ``bjobs -json -o cpu_used`` (volclava has no bacct)."""
+    done = lava.run([f"{BINDIR}/bjobs", "-a", "-json", "-o", "jobid cpu_used", job_id])
+    hours, minutes, seconds = json.loads(done.stdout)["RECORDS"][0]["CPU_USED"].split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+def test_the_guests_usage_is_in_blahvms_record_not_in_lsfs(lava):
+    """volclava counts the job's processes on the host (the starter); the guest's CPU is in blahvm's record
+    (docs/lsf.md, "Usage")."""
+    job_id = _submit(lava, ["-q", "grid", "-P", "cms", "/bin/sh", "-c", BURN])
+    fields = lava.wait(job_id)
+    assert lava.exit_status(job_id) == 0, (fields, _log(lava))
+    ticks = int(_output(f"{lava.site['work']}/{job_id}.out"))
+    _settled(lava)
+    listed = subprocess.run([sys.executable, "-m", "blahvm.cli.main", "accounting", "--config", lava.site["config"],
+                             "--job-id", job_id, "--json"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    (record,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert (record["job_id"], record["user"], record["vo"], record["environment"]) == (job_id, SUBMIT_USER, "cms", "vm")
+    lsf_cpu = _lsf_cpu_seconds(lava, job_id)
+    print(f"guest counted {ticks / 100:.2f} s of CPU; blahvm's record {record['cpu_seconds']:.2f} s of QEMU, "
+          f"{record['vcpu_seconds']:.2f} s of vcpu "
+          f"(provision {record['provision_seconds']:.2f} s, wall {record['wall_seconds']:.2f} s); "
+          f"volclava's CPU_T {lsf_cpu:.2f} s")
+    assert ticks >= 200 and record["cpu_seconds"] > lsf_cpu, (ticks, record, lsf_cpu)
     _nothing_left(lava)
