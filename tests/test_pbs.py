@@ -432,6 +432,7 @@ def test_execjob_begin_requeues_with_a_bare_reject_never_rerun(installed, tmp_pa
         "type": "execjob_begin", "hook_config": str(broken), "queues": ["short"],
         "job": {"id": "6.vm", "queue": "short", "euser": "nobody", "Resource_List": {"ncpus": 1}}})
     assert done["verdict"] == "reject" and not done["rerun"] and not done["delete"], done
+    assert done["vnodes"]["vm"] == {"blahvm_slots": 0}  # no slot here until exechost_periodic counts again
 
 
 def test_the_script_path_openpbs_writes_on_stdin_becomes_the_script(tmp_path):

@@ -4,6 +4,7 @@ rebuild, execjob_end through the hook). Two boots in all."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import uuid
 import pytest
 
 from blahvm.config import load_config
-from blahvm.lifecycle import capacity, reap
+from blahvm.lifecycle import accounting, capacity, reap
 from tests import pbs_harness
 
 pytestmark = pytest.mark.guest
@@ -119,6 +120,14 @@ def test_openpbs_job_runs_in_its_guest_through_the_hook(pbs_site):
         assert ran.code == 3, ran.stderr
         assert ran.stdout == b"in the guest as 65534\n" and b"to-stderr\n" in ran.stderr
     finally:
+        used = dict(job, resources_used={"cput": "00:00:00", "mem": "1024kb", "walltime": "00:00:09"})
+        epilogue = pbs_harness.run_hook(hook, {"type": "execjob_epilogue", "hook_config": settings, "job": used},
+                                        timeout=120)
         end = pbs_harness.run_hook(hook, {"type": "execjob_end", "hook_config": settings, "job": job}, timeout=120)
-    assert end["verdict"] == "accept", end
+    assert epilogue["verdict"] == "accept" and end["verdict"] == "accept", (epilogue, end)
     assert capacity(load_config(config)).guests == before
+    # the guest's usage, read at teardown, charged to the job: its QEMU's CPU time (boot included) and memory
+    (run,) = accounting(load_config(config), job_id=job_id).records
+    charged = epilogue["job"]["resources_used"]
+    assert int(charged["cput"]) == math.ceil(run.cpu_seconds) >= 1, (charged, run)
+    assert charged["mem"] == f"{math.ceil((1024 * 1024 + run.max_memory_bytes) / 1024)}kb" and charged["walltime"] == "00:00:09"

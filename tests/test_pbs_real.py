@@ -403,3 +403,43 @@ def test_a_job_the_rules_refuse_at_start_ends_once_with_the_reason_on_its_stderr
         f"blahvm: job {job_id}: rejected on this host: no route puts this job in queue short: "
         "no execution environment is offered to this VO\n")
     _nothing_left(openpbs)
+
+
+def test_a_refusal_for_want_of_a_hypervisor_backs_off_instead_of_a_retry_storm(openpbs):
+    """execjob_begin cannot reach the hypervisor (RETRY_ELSEWHERE): the job is requeued and the host's
+    blahvm_slots withdrawn, so OpenPBS does not send it again at once (21 times, then a hold) but waits;
+    once the hypervisor is back exechost_periodic publishes the slots and the job runs."""
+    path = openpbs.site["config"]
+    with open(path) as stream:
+        original = stream.read()
+    broken = yaml.safe_load(original)
+    broken["hypervisor"]["uri"] = "qemu+unix:///system?socket=/run/blahvm-test-no-such-libvirt-sock"
+
+    def write(text):
+        with open(path + ".new", "w") as stream:
+            stream.write(text)
+        os.chmod(path + ".new", 0o644)
+        os.replace(path + ".new", path)
+
+    write(yaml.safe_dump(broken))
+    try:
+        job_id = _submit(openpbs, "backoff", ["--", "/bin/sh", "-c", "echo ran; exit 2"])
+        deadline = time.monotonic() + 120
+        while not (openpbs.slots() == 0 and int(openpbs.job(job_id).get("run_count", 0)) >= 1):
+            assert time.monotonic() < deadline, (openpbs.slots(), openpbs.job(job_id), _log(openpbs))
+            time.sleep(0.5)
+        time.sleep(5)  # a retry storm would be well under way by now: 21 attempts took about 6 s
+        fields = openpbs.job(job_id)
+        assert fields["job_state"] == "Q" and fields.get("Hold_Types", "n") == "n", (fields, _log(openpbs))
+        assert int(fields["run_count"]) <= 3, (fields, _log(openpbs))
+    finally:
+        write(original)
+    deadline = time.monotonic() + 150  # the next exechost_periodic (freq 60) counts the slots again
+    while openpbs.slots() != 2:
+        assert time.monotonic() < deadline, (openpbs.slots(), _log(openpbs))
+        time.sleep(1)
+    openpbs.qmgr("set server scheduling = true")  # a scheduling cycle now, not at the next 600 s one
+    fields = openpbs.wait(job_id, timeout=300)
+    assert fields["Exit_status"] == 2 and fields.get("Hold_Types", "n") == "n", (fields, _log(openpbs))
+    assert _read(f"{openpbs.site['work']}/backoff.out") == "ran\n"
+    _nothing_left(openpbs)

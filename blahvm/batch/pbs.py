@@ -651,9 +651,25 @@ def requeue_by_rerun(pbs, kind) -> bool:
     return kind == pbs.EXECJOB_LAUNCH
 
 
+def back_off(pbs, event) -> None:
+    """Before a requeueing reject at execjob_begin: publish no ``blahvm_slots`` on this host until the next
+    exechost_periodic counts them again. OpenPBS requeues the job and its scheduler sends it again at once,
+    to the same host, until ``run_count`` passes 20 and the job is held (``post_sendmom``,
+    ``check_failed_attempts`` in ``src/server/req_runjob.c``): 21 refusals in about 6 s. The mom pushes a
+    hook's vnode changes to the server whether the hook accepts or rejects (``run_hook`` in
+    ``src/resmom/mom_hook_func.c``), so the job waits, queued, for ``freq`` seconds and the next scheduling
+    cycle instead; a periodic that cannot count (hypervisor down) leaves it at 0."""
+    try:
+        event.vnode_list[pbs.get_local_nodename()].resources_available[SLOTS_RESOURCE] = 0
+    except Exception as error:  # the refusal itself must still happen; pbs raises its own error types
+        log_event("execjob_begin", f"cannot withdraw this host's slots: {error}")
+
+
 def _refuse(pbs, event, kind, message: str, log_file) -> None:
     """A failure of ours: a queuejob says why; an execution event requeues (the host may be at fault)."""
     log_event("pbs-hook", message, log_file=log_file)
+    if kind == pbs.EXECJOB_BEGIN:
+        back_off(pbs, event)
     if requeue_by_rerun(pbs, kind):
         event.job.rerun()
     if kind in (pbs.QUEUEJOB, pbs.EXECJOB_BEGIN, pbs.EXECJOB_PROLOGUE, pbs.EXECJOB_LAUNCH):
@@ -829,6 +845,7 @@ def _begin(pbs, event, site, settings, log_file) -> None:
     log_event("execjob_begin", f"{answer.outcome.value}: {answer.message}", job_id=facts.job_id, user=facts.user,
               vo=answer.vo, guest=answer.guest, log_file=log_file or site.host.log_file)
     if answer.outcome is Outcome.RETRY_ELSEWHERE:  # a bare reject requeues: never job.rerun() here
+        back_off(pbs, event)
         event.reject(" ".join(answer.message.split()))
     elif answer.outcome is Outcome.FAIL_JOB:
         # Accepted, so that the job ends with the reason on its stderr (execjob_launch runs the refusal in
