@@ -538,6 +538,36 @@ def test_the_job_is_charged_its_own_usage_plus_its_guests():
     assert run_record([old], since=2000.0) is None  # an earlier run of a requeued job is not charged again
 
 
+def test_walltime_is_the_guests_run_less_its_suspension_unless_the_mom_counted_more():
+    from blahvm.batch.pbs_usage import Suspended, walltime_seconds
+
+    run = _record(4.2, 1)  # wall_seconds 90
+    assert walltime_seconds(run, 0.0) == 90
+    assert walltime_seconds(run, 30.4) == 60
+    assert walltime_seconds(run, 500.0, host_walltime_seconds=3) == 3
+    assert walltime_seconds(run, 0.0, host_walltime_seconds=95) == 95
+    held = Suspended().paused(100.0).paused(105.0)  # a second postsuspend keeps the first time
+    assert held.seconds(110.0) == 10.0
+    again = held.resumed(112.0).resumed(200.0).paused(300.0)
+    assert again == Suspended(total=12.0, since=300.0) and again.seconds(303.0) == 15.0
+
+
+def test_suspension_time_is_kept_root_only_and_survives_a_bad_file(tmp_path):
+    from blahvm.batch.pbs_usage import Suspended, forget_suspended, read_suspended, write_suspended
+
+    state = str(tmp_path)
+    assert read_suspended(state, "1.vm") == Suspended()
+    write_suspended(state, "1.vm", Suspended(total=3.0, since=10.0))
+    assert read_suspended(state, "1.vm") == Suspended(total=3.0, since=10.0)
+    (written,) = os.listdir(tmp_path / "pbs-suspensions")
+    assert stat.S_IMODE(os.stat(tmp_path / "pbs-suspensions" / written).st_mode) == 0o600
+    (tmp_path / "pbs-suspensions" / written).write_text("{not json")
+    assert read_suspended(state, "1.vm") == Suspended()
+    forget_suspended(state, "1.vm")
+    forget_suspended(state, "1.vm")
+    assert os.listdir(tmp_path / "pbs-suspensions") == []
+
+
 def test_execjob_epilogue_sets_resources_used_from_the_guests_record(installed, site):
     from blahvm.config import load_config
     from blahvm.ledger import Consumed, Ledger
@@ -551,7 +581,8 @@ def test_execjob_epilogue_sets_resources_used_from_the_guests_record(installed, 
     done = hook_event(home, "execjob_epilogue", job={
         "id": "9.vm", "euser": "nobody", "resources_used": {"cput": "00:00:01", "mem": "10240kb", "walltime": "00:01:40"}})
     assert done["verdict"] == "accept", done
-    assert done["job"]["resources_used"] == {"cput": "7", "mem": f"{200 * 1024 + 10240}kb", "walltime": "00:01:40"}
+    # walltime: the guest never ran (wall_seconds 0), so the mom's 100 s stays
+    assert done["job"]["resources_used"] == {"cput": "7", "mem": f"{200 * 1024 + 10240}kb", "walltime": "100"}
 
 
 def test_suspend_and_resume_of_a_job_without_a_guest_leave_it_to_the_mom(installed):

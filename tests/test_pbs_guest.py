@@ -130,4 +130,5 @@ def test_openpbs_job_runs_in_its_guest_through_the_hook(pbs_site):
     (run,) = accounting(load_config(config), job_id=job_id).records
     charged = epilogue["job"]["resources_used"]
     assert int(charged["cput"]) == math.ceil(run.cpu_seconds) >= 1, (charged, run)
-    assert charged["mem"] == f"{math.ceil((1024 * 1024 + run.max_memory_bytes) / 1024)}kb" and charged["walltime"] == "00:00:09"
+    assert charged["mem"] == f"{math.ceil((1024 * 1024 + run.max_memory_bytes) / 1024)}kb"
+    assert int(charged["walltime"]) == max(round(run.wall_seconds), 9)  # the guest's run, or the mom's if more

@@ -303,8 +303,9 @@ def _domstate_becomes(guest, state, pbs, job_id):
 def test_guest_cpu_is_the_jobs_and_qsig_suspend_pauses_the_guest(openpbs):
     """A script job burns 5 CPU-seconds in its guest (measured there) and is suspended meanwhile:
     execjob_postsuspend pauses the guest (its vcpus' time stands still), execjob_preresume resumes it;
-    the job ends with its exact output and exit code, and execjob_epilogue charged the guest's CPU time
-    and memory to resources_used (the mom alone measures the starter's tenths of a second)."""
+    the job ends with its exact output and exit code, and execjob_epilogue charged the guest's CPU time,
+    memory and run less its suspension to resources_used (the mom alone measures the starter's tenths of
+    a second)."""
     from blahvm.config import load_config
     from blahvm.hypervisor.connection import open_connection
     from blahvm.hypervisor.stats import domain_usage
@@ -337,6 +338,8 @@ def test_guest_cpu_is_the_jobs_and_qsig_suspend_pauses_the_guest(openpbs):
     cput = pbs_seconds(used["cput"])
     assert cput >= runs[0].cpu_seconds and cput >= BURN_TICKS / 100 * 0.6, (used, runs, _log(openpbs))
     assert pbs_kb(used["mem"]) * 1024 >= runs[0].max_memory_bytes, (used, runs)
+    # walltime: the guest's run without the 4 s or more it spent paused (the mom's polls lag behind it)
+    assert 1 <= pbs_seconds(used["walltime"]) <= runs[0].wall_seconds - 3, (used, runs, _log(openpbs))
     _nothing_left(openpbs)
 
 

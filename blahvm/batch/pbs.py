@@ -930,10 +930,11 @@ def _end(pbs, event, kind, site, log_file) -> None:
     name = "execjob_epilogue" if kind == pbs.EXECJOB_EPILOGUE else "execjob_end"
     logs = log_file or site.host.log_file
     log_event(name, f"{result.outcome.value}: {result.message}", job_id=job_id, log_file=logs)
-    if kind == pbs.EXECJOB_EPILOGUE:
-        from blahvm.batch.pbs_usage import charge_job
+    from blahvm.batch.pbs_usage import charge_job, forget_suspended
 
+    if kind == pbs.EXECJOB_EPILOGUE:
         log_event(name, charge_job(pbs, event.job, site), job_id=job_id, log_file=logs)
+    forget_suspended(site.host.state_dir, job_id)
 
 
 def _suspension(pbs, event, kind, site, log_file) -> None:
@@ -944,9 +945,15 @@ def _suspension(pbs, event, kind, site, log_file) -> None:
     says so; a job without a running guest is the mom's alone."""
     from blahvm.lifecycle import resume, suspend
 
+    from blahvm.batch.pbs_usage import read_suspended, write_suspended
+
     job_id = str(event.job.id)
     resuming = kind == _event_code(pbs, "EXECJOB_PRERESUME")
     result = (resume if resuming else suspend)(site, job_id)
+    if result.outcome is Outcome.OK:  # the time suspended is taken off the guest's walltime at the end
+        was = read_suspended(site.host.state_dir, job_id)
+        now = time.time()
+        write_suspended(site.host.state_dir, job_id, was.resumed(now) if resuming else was.paused(now))
     name = "execjob_preresume" if resuming else "execjob_postsuspend"
     log_event(name, f"{result.outcome.value}: {result.message}", job_id=job_id,
               log_file=log_file or site.host.log_file)

@@ -8,14 +8,19 @@ flagged ``ATR_VFLAG_HOOK`` and ``mom_set_use`` (``src/resmom/linux/mom_mach.c``)
 ``send_obit`` (``src/resmom/catch_child.c``) reads the epilogue hook's results into the job before the
 obit carries ``resources_used`` to the server.
 
-``walltime`` stays the mom's: it counts from the job's start to its end without the time it was suspended
-(``stop_walltime`` at a suspend), which is the guest's run (provisioning happens at execjob_begin, before
-it); blahvm's own ``wall_seconds`` includes suspended time and would charge a suspended job for it.
+``walltime``: the mom counts it from the job's start without the time it was suspended (``stop_walltime``
+at a suspend) but only when it polls, so a job shorter than a polling interval ends with 0 (observed:
+``00:00:00`` for jobs of 5-10 s). The hook sets the larger of the mom's figure and the guest's run
+(``wall_seconds``: from the guest running until its teardown) less the time the job was suspended, which
+the suspend and resume hooks record here (``Suspended``) since blahvm's ledger counts suspended time in.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import time
 from typing import Iterable, Optional
 
 import attrs
@@ -55,6 +60,66 @@ def charged(record: AccountingRecord, host_cput_seconds: int = 0, host_mem_bytes
     return Charged(cput_seconds=cput, mem_kb=int(math.ceil((max(host_mem_bytes, 0) + guest_memory) / 1024)))
 
 
+def walltime_seconds(record: AccountingRecord, suspended_seconds: float, host_walltime_seconds: int = 0) -> int:
+    """The job's walltime: its guest's run less the time it was suspended, or the mom's figure if larger."""
+    guest = int(round(max(record.wall_seconds - max(suspended_seconds, 0.0), 0.0)))
+    return max(guest, max(host_walltime_seconds, 0))
+
+
+# -- the time a job spent suspended, kept by execjob_postsuspend / execjob_preresume ----------------
+
+SUSPENSIONS = "pbs-suspensions"  # under host.state_dir (root's)
+
+
+@attrs.frozen
+class Suspended:
+    """Seconds a job has spent suspended, and since when it is suspended now (None: running)."""
+
+    total: float = 0.0
+    since: Optional[float] = None
+
+    def paused(self, now: float) -> "Suspended":
+        return self if self.since is not None else attrs.evolve(self, since=now)
+
+    def resumed(self, now: float) -> "Suspended":
+        return self if self.since is None else Suspended(total=self.total + max(now - self.since, 0.0))
+
+    def seconds(self, now: float) -> float:
+        return self.total + (max(now - self.since, 0.0) if self.since is not None else 0.0)
+
+
+def _suspension_path(state_dir: str, job_id: str) -> str:
+    return os.path.join(state_dir, SUSPENSIONS, job_id.encode("utf-8", "surrogatepass").hex())
+
+
+def read_suspended(state_dir: str, job_id: str) -> Suspended:
+    """What was recorded for the job; nothing (never suspended, or unreadable) is no suspension."""
+    try:
+        with open(_suspension_path(state_dir, job_id)) as stream:
+            data = json.load(stream)
+        since = data.get("since")
+        return Suspended(total=max(float(data.get("total", 0.0)), 0.0), since=None if since is None else float(since))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return Suspended()
+
+
+def write_suspended(state_dir: str, job_id: str, suspended: Suspended) -> None:
+    directory = os.path.join(state_dir, SUSPENSIONS)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = _suspension_path(state_dir, job_id)
+    fd = os.open(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as stream:
+        json.dump({"total": suspended.total, "since": suspended.since}, stream)
+    os.replace(path + ".new", path)
+
+
+def forget_suspended(state_dir: str, job_id: str) -> None:
+    try:
+        os.unlink(_suspension_path(state_dir, job_id))
+    except OSError:
+        pass
+
+
 def _seconds(value) -> int:
     from blahvm.batch.pbs import parse_pbs_duration
 
@@ -77,8 +142,9 @@ def _bytes(value) -> int:
         return 0
 
 
-def charge_job(pbs, job, site) -> str:
-    """Set ``job.resources_used`` cput and mem from the guest's record in the ledger; one line saying what."""
+def charge_job(pbs, job, site, now: Optional[float] = None) -> str:
+    """Set ``job.resources_used`` cput, mem and walltime from the guest's record in the ledger and the time
+    the job was suspended; one line saying what."""
     from blahvm.lifecycle import accounting
 
     job_id = str(job.id)
@@ -96,10 +162,14 @@ def charge_job(pbs, job, site) -> str:
     used = getattr(job, "resources_used", None)
     if used is None:
         return f"job {job_id}: no resources_used to set"
+    suspended = read_suspended(site.host.state_dir, job_id).seconds(time.time() if now is None else now)
+    walltime = walltime_seconds(record, suspended, _seconds(used["walltime"]))
+    used["walltime"] = pbs.duration(walltime)
     figures = charged(record, _seconds(used["cput"]), _bytes(used["mem"]))
     if figures is None:
-        return f"job {job_id}: {record.note or 'no statistics of its guest'}: resources_used left as the mom measured"
+        return (f"job {job_id}: walltime={walltime}; {record.note or 'no statistics of its guest'}: cput and mem "
+                "left as the mom measured")
     used["cput"] = pbs.duration(figures.cput_seconds)
     used["mem"] = pbs.size(f"{figures.mem_kb}kb")
-    return (f"job {job_id}: resources_used cput={figures.cput_seconds} mem={figures.mem_kb}kb "
-            f"(guest {record.cpu_seconds:.2f} CPU s)")
+    return (f"job {job_id}: resources_used cput={figures.cput_seconds} mem={figures.mem_kb}kb walltime={walltime} "
+            f"(guest {record.cpu_seconds:.2f} CPU s, {suspended:.0f} s suspended)")
