@@ -7,6 +7,7 @@ shared with the guest (the daemons' mount namespace is not libvirt's, see tests/
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -111,6 +112,7 @@ def openpbs(demo_image):
     finally:
         if cluster.qmgr("list hook blahvm", check=False).returncode == 0:
             cluster.driver("remove-hook", "blahvm", check=False)
+        cluster.qmgr("unset server restrict_res_to_release_on_suspend", check=False)
         with open(sched_config, "wb") as stream:
             stream.write(scheduler_was)
         cluster.driver("down", check=False)
@@ -323,6 +325,8 @@ def test_guest_cpu_is_the_jobs_and_qsig_suspend_pauses_the_guest(openpbs):
     config = load_config(openpbs.site["config"])
     with open_connection(config.hypervisor.uri, timeout=30) as conn:
         assert openpbs.job(job_id)["job_state"] == "S"
+        # restrict_res_to_release_on_suspend = ncpus (printed by install): the paused guest keeps its slot
+        assert _assigned(openpbs) == {"blahvm_slots": 1, "ncpus": 0}, _assigned(openpbs)
         before = domain_usage(conn, guest).vcpu_seconds
         time.sleep(4)
         assert domain_usage(conn, guest).vcpu_seconds == pytest.approx(before, abs=0.05)
@@ -341,6 +345,15 @@ def test_guest_cpu_is_the_jobs_and_qsig_suspend_pauses_the_guest(openpbs):
     # walltime: the guest's run without the 4 s or more it spent paused (the mom's polls lag behind it)
     assert 1 <= pbs_seconds(used["walltime"]) <= runs[0].wall_seconds - 3, (used, runs, _log(openpbs))
     _nothing_left(openpbs)
+
+
+def _assigned(pbs) -> dict:
+    """``resources_assigned`` blahvm_slots and ncpus of this host's vnode, as the server has them."""
+    from tests.openpbs_cluster import qstat_json
+
+    done = pbs.run([f"{PREFIX}/bin/pbsnodes", "-a", "-F", "json"])
+    assigned = next(iter(json.loads(qstat_json(done.stdout))["nodes"].values())).get("resources_assigned", {})
+    return {name: int(assigned.get(name, 0)) for name in ("blahvm_slots", "ncpus")}
 
 
 def pbs_seconds(text) -> int:

@@ -124,6 +124,8 @@ qmgr -c "set hook {HOOK_NAME} alarm = {alarm}"
 qmgr -c "set hook {HOOK_NAME} freq = 60"
 qmgr -c "import hook {HOOK_NAME} application/x-python default {hook}"
 qmgr -c "import hook {HOOK_NAME} application/x-config default {settings}"
+# A suspended job's guest is paused, not gone: it keeps its slot and memory; only its cores are free:
+qmgr -c "set server restrict_res_to_release_on_suspend = ncpus"
 # The scheduler must count blahvm_slots (queuejob adds blahvm_slots=1 to every job's select):
 sed -i '/^resources: /{{/blahvm_slots/!s/"$/, blahvm_slots"/}}' {sched_config}
 kill -HUP "$(head -n 1 {sched_lock})"
