@@ -91,6 +91,19 @@ def guests_of_pool(pool: str) -> List[str]:
             if name.startswith("blahvm-") and pool in virsh("dumpxml", name).stdout]
 
 
+def settle_templates(config_path: str, timeout: float = 900) -> None:
+    """Wait until no template maker of the test site works (a job that booted for want of a saved
+    state started one in the background), then check the makers left nothing but templates: call it
+    before any check that nothing is left. A made template is the site's state; a maker's guest,
+    volume, run dir, scratch dir or mark after it ended is a leak."""
+    from blahvm.config import load_config
+    from blahvm.lifecycle import templates
+
+    config = load_config(config_path)
+    assert templates.wait_for_makers(config, timeout), f"a template maker of {config_path} still works"
+    assert templates.leftovers(config, set()) == []
+
+
 def remove_pool_and_its_guests(pool: str) -> None:
     for name in guests_of_pool(pool):
         virsh("destroy", name)

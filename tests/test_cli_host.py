@@ -21,8 +21,11 @@ import pytest
 import yaml
 
 from blahvm.cli.outcomes import EXIT_BAD_INPUT, EXIT_FAIL_JOB, EXIT_REJECTED, EXIT_RETRY_ELSEWHERE
+from blahvm.config import load_config
 
 pytest.importorskip("libvirt")
+
+from tests.test_lifecycle import settle_templates  # noqa: E402
 
 DOWN_URI = "qemu:///system?socket=/nonexistent/libvirt-sock"
 
@@ -150,7 +153,16 @@ def test_reap_counts_what_closing_an_entry_removed(site, tmp_path):
 
 def test_guests_without_an_entry_are_flagged(tmp_path, golden_env):
     """A test-driver node file gives every process the same guests: one of ours, one of another host's, one of
-    another installation's on this host."""
+    another installation's on this host, and two template makers' of ours: one whose maker lives (this
+    process, by its scratch dir), one whose maker died."""
+    from blahvm.lifecycle import templates
+
+    live, dead = "0123456789abcdef", "fedcba9876543210"
+    state = str(tmp_path / "state")
+    os.makedirs(os.path.join(state, "templates",
+                             f".making-t-{live}-{os.getpid()}-{templates._start_time(os.getpid())}"))
+    for key in (live, dead):  # each maker's run dir
+        os.makedirs(tmp_path / "run" / f"blahvm-template-{key}")
     node = tmp_path / "node.xml"
     domains = "".join(
         f"""<domain type="test"><name>{name}</name><memory>262144</memory><vcpu>1</vcpu><os><type>hvm</type></os>
@@ -160,18 +172,31 @@ def test_guests_without_an_entry_are_flagged(tmp_path, golden_env):
         for name, job, host, ledger in (
             ("blahvm-7.o-00000001", "7.o", socket.gethostname(), ""),
             ("blahvm-8.x-00000002", "8.x", "elsewhere.example", ""),
-            ("blahvm-9.d-00000003", "9.d", socket.gethostname(), "<blahvm:ledger>/var/lib/blahvm-demo</blahvm:ledger>")))
+            ("blahvm-9.d-00000003", "9.d", socket.gethostname(), "<blahvm:ledger>/var/lib/blahvm-demo</blahvm:ledger>"),
+            *((f"blahvm-template-{key}", "template demo", socket.gethostname(),
+               f"<blahvm:ledger>{state}</blahvm:ledger>")
+              for key in (live, dead))))
     node.write_text(f"<node>{domains}</node>")
     config = write_config(str(tmp_path), golden_env, uri=f"test://{node}")
-    rows = {row["job_id"]: row for row in as_json(blahvm("guests", "--config", config, "--json"))["guests"]}
+    listed = as_json(blahvm("guests", "--config", config, "--json"))["guests"]
+    rows = {row["job_id"] or row["template"]: row for row in listed}
+    assert [rows[key]["flag"] for key in (live, dead)] == [
+        f"making template t-{live}: reap leaves it while its maker lives",
+        f"template t-{dead} whose maker died: reap removes it"]
+    assert {rows[key]["job_id"] for key in (live, dead)} == {None} and rows["7.o"]["template"] is None
+    table = blahvm("guests", "--config", config).stdout
+    assert f"making template t-{live}: reap leaves it while its maker lives" in table
     assert rows["7.o"]["flag"] == "no entry: reap removes it" and rows["7.o"]["ledger_state"] is None
     assert rows["7.o"]["libvirt_state"] == "running" and rows["7.o"]["age_seconds"] > 86400
     assert rows["8.x"]["flag"] == "no entry: made by host elsewhere.example, reap leaves it"
     assert rows["9.d"]["flag"] == \
         "no entry: made by another blahvm installation (state dir /var/lib/blahvm-demo), reap leaves it"
     dry = blahvm("reap", "--config", config, "--dry-run")
-    assert dry.stdout.splitlines() == ["would remove guest blahvm-7.o-00000001"]
-    assert as_json(blahvm("reap", "--config", config, "--json"))["guests"] == ["blahvm-7.o-00000001"]
+    assert dry.stdout.splitlines() == ["would remove guest blahvm-7.o-00000001",
+                                       f"would remove guest blahvm-template-{dead}",
+                                       f"would remove run dir {tmp_path}/run/blahvm-template-{dead}"]
+    assert as_json(blahvm("reap", "--config", config, "--json"))["guests"] == \
+        ["blahvm-7.o-00000001", f"blahvm-template-{dead}"]
 
 
 def test_libvirt_down_guests_shows_the_ledger_and_the_rest_retry_elsewhere(tmp_path, golden_env):
@@ -260,10 +285,16 @@ def libvirt_guests():
 
 
 def own_guests(config):
-    """``guests --json`` rows of this installation's guests: on a shared libvirtd, the others'
-    are listed too (flagged), and another suite's may come and go at any moment."""
+    """``guests --json`` rows of this installation's jobs' guests: on a shared libvirtd, the others'
+    are listed too (flagged), and another suite's may come and go at any moment. The guest of a
+    template being made (the first job booted for want of one) is the site's, and is no job's."""
     rows = as_json(blahvm("guests", "--config", config, "--json"))["guests"]
-    return [row for row in rows if "made by another blahvm installation" not in (row["flag"] or "")]
+    for row in rows:  # one ending as we look may be listed, then gone by the time reap looks for its maker
+        if row["template"] is not None:
+            assert row["flag"] in (f"making template t-{row['template']}: reap leaves it while its maker lives",
+                                   f"template t-{row['template']} whose maker died: reap removes it"), row
+    return [row for row in rows if "made by another blahvm installation" not in (row["flag"] or "")
+            and row["template"] is None]
 
 
 @pytest.mark.guest
@@ -304,6 +335,7 @@ def test_real_guest_prepare_guests_capacity_teardown_and_reap(demo_image):
             assert reaped["entries"] == [orphan]
             assert own_guests(config) == []
             assert row["guest"] not in libvirt_guests()
+            settle_templates(load_config(config))  # the first job's template, made in the background
             volumes = subprocess.run(["virsh", "-q", "-c", "qemu:///system", "vol-list",
                                       yaml.safe_load(open(config))["hypervisor"]["pool"]],
                                      capture_output=True, text=True, timeout=60)

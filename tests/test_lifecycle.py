@@ -27,6 +27,7 @@ from blahvm.lifecycle import (
     prepare,
     reap,
     teardown,
+    templates,
 )
 from blahvm.model import Decision, Environment, HostConfig, HypervisorConfig, Job, Outcome, Queue, SiteConfig
 from blahvm.quantities import Size
@@ -72,16 +73,32 @@ def live_entries(config):
         return ledger.live()
 
 
+MAKER_TIMEOUT = 900  # a template maker boots a guest: generous, for a loaded host
+
+
+def settle_templates(config):
+    """Wait until no template maker of this site works (a job that booted for want of a template
+    started one), then check that the makers left nothing but their templates: a template made or
+    in the making is the site's state, its maker's guest, volume, run dir or scratch dir after it
+    ended is a leak."""
+    assert templates.wait_for_makers(config, MAKER_TIMEOUT), "a template maker still works"
+    assert templates.leftovers(config, set()) == []
+
+
 def domain_names(conn):
     return {guest.name for guest in guests.list_blahvm_guests(conn)}
 
 
 def volume_names(config, conn):
+    """The site's volumes, once its template makers are done (``settle_templates``)."""
+    settle_templates(config)
     pool = ClonePool.ensure(conn, config.hypervisor.pool, config.hypervisor.pool_path)
     return {volume.name for volume in pool.list_volumes() if volume.name.startswith(naming.PREFIX)}
 
 
 def run_dirs(config):
+    """The site's run dirs, once its template makers are done (``settle_templates``)."""
+    settle_templates(config)
     try:
         return set(os.listdir(config.host.run_dir))
     except FileNotFoundError:
@@ -95,6 +112,7 @@ def shares_left(config):
 
 
 def assert_nothing_left(config, conn):
+    settle_templates(config)
     assert domain_names(conn) == set()
     assert volume_names(config, conn) == set()
     assert run_dirs(config) == set()  # control sockets (RUN_DIR.ctl) included

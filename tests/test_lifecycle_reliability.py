@@ -31,7 +31,7 @@ from blahvm.ledger import Ledger, State
 from blahvm.lifecycle import prepare, reap, teardown
 from blahvm.model import Decision, Environment, HostConfig, HypervisorConfig, Job, Outcome, SiteConfig
 from blahvm.quantities import Size
-from tests.test_lifecycle import guest_of
+from tests.test_lifecycle import guest_of, settle_templates
 
 pytest.importorskip("libvirt")
 
@@ -134,7 +134,9 @@ def live_entries(config):
 
 
 def leftovers(config, conn) -> dict:
-    """Everything of blahvm's this site still has; empty lists when nothing is left."""
+    """Everything of blahvm's this site still has; empty lists when nothing is left. Its template
+    makers are waited for first: what they make is the site's, what they leave a leak."""
+    settle_templates(config)
     pool = ClonePool.ensure(conn, config.hypervisor.pool, config.hypervisor.pool_path)
     try:
         # a guest's control socket (RUN_DIR.ctl) belongs to its run dir; alone, it is a leak by its name

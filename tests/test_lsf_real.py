@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from tests.lava_cluster import BINDIR, ENVDIR, FINISHED, Lava, available
-from tests.real_batch import SUBMIT_USER, remove_pool_and_its_guests, virsh
+from tests.real_batch import SUBMIT_USER, remove_pool_and_its_guests, settle_templates, virsh
 
 pytestmark = pytest.mark.guest
 
@@ -122,6 +122,7 @@ def _output(path: str) -> str:
 
 def _nothing_left(lava):
     site = lava.site
+    settle_templates(site["config"])
     volumes = virsh("vol-list", site["pool"]).stdout
     assert ".qcow2" not in volumes, volumes
     assert not os.path.isdir(site["run_dir"]) or os.listdir(site["run_dir"]) == []

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.openpbs_cluster import HOME, PREFIX, OpenPBS, available, job_user
-from tests.real_batch import guests_of_pool, remove_pool_and_its_guests, virsh
+from tests.real_batch import guests_of_pool, remove_pool_and_its_guests, settle_templates, virsh
 
 pytestmark = pytest.mark.guest
 
@@ -140,6 +140,7 @@ def _live(pbs):
 
 def _nothing_left(pbs):
     site = pbs.site
+    settle_templates(site["config"])
     volumes = virsh("vol-list", site["pool"]).stdout
     assert ".qcow2" not in volumes, volumes
     assert not os.path.isdir(site["run_dir"]) or os.listdir(site["run_dir"]) == []

@@ -19,7 +19,7 @@ import time
 import pytest
 import yaml
 
-from tests.real_batch import guests_of_pool
+from tests.real_batch import guests_of_pool, settle_templates
 from tests.slurm_cluster import NODE, SlurmCluster, available
 
 pytestmark = pytest.mark.guest
@@ -125,6 +125,7 @@ def _wait_for_text(path: str, text: str, timeout: float = 150) -> str:
 
 
 def _nothing_left(cluster, site):
+    settle_templates(site["config"])
     domains = _virsh("list", "--all", "--name").stdout
     assert "blahvm-" not in "".join(line for line in domains.splitlines() if site["pool"] in line)
     volumes = _virsh("vol-list", site["pool"]).stdout

@@ -20,6 +20,7 @@ import time
 import pytest
 import yaml
 
+from tests.real_batch import settle_templates
 from tests.slurm_cluster import SlurmCluster, available
 
 pytestmark = pytest.mark.guest
@@ -149,6 +150,7 @@ def _nothing_left_anywhere(cluster, hosts):
     while time.monotonic() < deadline and any(cluster.node_state(node) not in ("idle", "drained") for node in NODES):
         time.sleep(0.3)
     for node in NODES:
+        settle_templates(_node_config(hosts, node))
         assert _guests_of(node) == [], (node, _guests_of(node))
         config = hosts["configs"][node]
         volumes = _virsh("vol-list", config["hypervisor"]["pool"]).stdout

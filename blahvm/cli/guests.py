@@ -18,6 +18,8 @@ from blahvm.errors import printable
 COLUMNS = ("job", "user", "vo", "environment", "ledger", "libvirt", "slot", "age", "timings", "flag")
 NO_GUEST = "no guest: reap closes it"
 NO_ENTRY = "no entry: reap removes it"
+MAKING = "making template t-{key}: reap leaves it while its maker lives"
+MAKER_DIED = "template t-{key} whose maker died: reap removes it"
 
 
 def add_parser(commands) -> None:
@@ -95,6 +97,10 @@ def _hypervisor_side(config):
 
 
 def _rows(entries, listed, would_reap, now: float, config) -> list:
+    import socket
+
+    from blahvm.lifecycle import templates
+
     by_name = {guest.name: guest for guest in listed or ()}
     closing = set(() if would_reap is None else would_reap.entries_closed)
     removing = set(() if would_reap is None else would_reap.guests)
@@ -107,6 +113,13 @@ def _rows(entries, listed, would_reap, now: float, config) -> list:
                          NO_GUEST if entry.job_id in closing else None))
     for guest in by_name.values():  # guests no live entry owns
         meta = guest.metadata
+        ours = meta.ledger == config.host.state_dir and meta.host == socket.gethostname()
+        key = templates.key_of_guest(guest.name) if ours else None
+        if key is not None:  # a template's guest, no job's: it runs nothing; reap leaves it while its maker lives
+            flag = MAKER_DIED if guest.name in removing else MAKING
+            rows.append(_row(None, meta.user, None, meta.environment, guest.name, None, guest.state, None,
+                             now - meta.created, {}, flag.format(key=key), template=key))
+            continue
         flag = NO_ENTRY if guest.name in removing else f"no entry: {_whose(guest, config)}, reap leaves it"
         rows.append(_row(meta.job_id, meta.user, meta.vo, meta.environment, guest.name, None, guest.state, None,
                          now - meta.created, {}, flag))
@@ -127,8 +140,9 @@ def _whose(guest, config) -> str:
     return "not reap's to remove"
 
 
-def _row(job_id, user, vo, environment, guest, ledger_state, libvirt_state, slot, age, timings, flag) -> dict:
-    return {"job_id": job_id, "user": user, "vo": vo, "environment": environment, "guest": guest,
+def _row(job_id, user, vo, environment, guest, ledger_state, libvirt_state, slot, age, timings, flag,
+         template=None) -> dict:
+    return {"job_id": job_id, "template": template, "user": user, "vo": vo, "environment": environment, "guest": guest,
             "ledger_state": ledger_state, "libvirt_state": libvirt_state, "slot": slot,
             "age_seconds": round(max(age, 0.0), 1), "timings": {k: round(v, 3) for k, v in timings.items()},
             "flag": flag}
@@ -141,7 +155,8 @@ def _print_table(rows: list) -> None:
     cells = [[c.upper() for c in COLUMNS]]
     for row in rows:
         cells.append([
-            printable(row["job_id"]), printable(row["user"]), printable(row["vo"] or "-"),
+            "-" if row["job_id"] is None else printable(row["job_id"]), printable(row["user"]),
+            printable(row["vo"] or "-"),
             printable(row["environment"]), row["ledger_state"] or "-",
             "?" if row["libvirt_state"] is None else row["libvirt_state"],
             "-" if row["slot"] is None else str(row["slot"]), _age(row["age_seconds"]),

@@ -36,13 +36,18 @@ def reap(config: SiteConfig, dry_run: bool = False) -> ReapReport:
             # what closing the dead entries removed counts as much as the orphans found after
             closed, guests_gone, volumes, run_dirs = _close_dead_entries(config, ledger, conn, dry_run)
             live = [entry for entry in ledger.live() if entry.job_id not in closed]
-            making = templates.being_made(config)  # a live maker's guest, volume and run dir are its own
-            orphans = _orphan_guests(config, conn, live, static_guests(config) | making)
-            returned = clean_free_guests(config, conn, live, dry_run)
+            listed = guests.list_blahvm_guests(conn)
             # a dry run (also behind `blahvm guests`) only looks: it never makes the pool
             pool = ClonePool.find(conn, config.hypervisor.pool) if dry_run else clone_pool(config, conn)
-            orphan_volumes = _orphan_volumes(config, (volume.name for volume in pool.list_volumes()), live, making) if pool else []
-            orphan_run_dirs = _orphan_run_dirs(config, live, making)
+            volume_names = [volume.name for volume in pool.list_volumes()] if pool else []
+            children = _run_dir_children(config)
+            # a live maker's guest, volume and run dir are its own. Asked after they were listed: a
+            # maker's scratch dir is made before them and goes after them, so none is taken for an orphan
+            making = templates.being_made(config)
+            orphans = _orphan_guests(config, listed, live, static_guests(config) | making)
+            returned = clean_free_guests(config, conn, live, dry_run)
+            orphan_volumes = _orphan_volumes(config, volume_names, live, making)
+            orphan_run_dirs = _orphan_run_dirs(config, children, live, making)
             # a template maker or a restoring prepare killed midway: its scratch dir or the job's save file
             template_files = templates.leftovers(config, {entry.guest for entry in live if entry.guest})
             # a job's directory still mounted after a crash: found in /proc/self/mountinfo
@@ -115,7 +120,7 @@ def _close_dead_entries(config: SiteConfig, ledger: Ledger, conn: Connection, dr
     return (closed, *removed)
 
 
-def _orphan_guests(config: SiteConfig, conn: Connection, live: List[Entry], static: frozenset) -> List[str]:
+def _orphan_guests(config: SiteConfig, listed: list, live: List[Entry], static: frozenset) -> List[str]:
     """Guests made here by this installation (its ledger) that no live entry owns. A guest of another
     installation on the same host (a demo beside production, a test site) is never this reap's to remove."""
     owned = {entry.guest for entry in live} | static  # a site's static guest is never undefined
@@ -123,7 +128,7 @@ def _orphan_guests(config: SiteConfig, conn: Connection, live: List[Entry], stat
     ours = (None, config.host.state_dir)  # None: made before guests named their ledger
     return [
         guest.name
-        for guest in guests.list_blahvm_guests(conn)
+        for guest in listed
         if guest.name not in owned and guest.metadata.host == here and guest.metadata.ledger in ours
     ]
 
@@ -151,11 +156,15 @@ def _orphan_volumes(
     ]
 
 
-def _orphan_run_dirs(config: SiteConfig, live: List[Entry], making: frozenset = frozenset()) -> List[str]:
+def _run_dir_children(config: SiteConfig) -> List[str]:
     try:
-        children = sorted(os.listdir(config.host.run_dir))
+        return sorted(os.listdir(config.host.run_dir))
     except FileNotFoundError:
         return []
+
+
+def _orphan_run_dirs(config: SiteConfig, children: List[str], live: List[Entry],
+                     making: frozenset = frozenset()) -> List[str]:
     owned = _owned_prefixes(config, live, making)
     paths = [os.path.join(config.host.run_dir, child) for child in children if child not in owned]
     return [path for path in paths if is_run_dir(config, path) and os.path.isdir(path)]

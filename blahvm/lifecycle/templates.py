@@ -21,7 +21,11 @@ maker's libvirt connection (``guests.start_bound_to_connection``): libvirt destr
 ends, however it ends, SIGKILL included. A maker stops and cleans up on SIGTERM, SIGINT or SIGHUP,
 and as soon as its scratch directory vanishes (its site was removed under it); it never makes its
 state dir or pool again. What a killed maker leaves (the scratch dir, a volume and run dir named
-``blahvm-template-<key>``) ``reap`` removes once the maker is dead (``leftovers``).
+``blahvm-template-<key>``) ``reap`` removes once the maker is dead (``leftovers``). The scratch dir
+is made before those and removed after them, so a reap that looks for live makers after listing
+them never takes a live maker's things for orphans. A maker started in the background is also
+marked ``.maker-<pid>-<start>`` from before the prepare that started it returns until it ends:
+``wait_for_makers`` waits for both kinds.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ from blahvm.trust import directory_problem
 FORMAT = 2  # of a template directory; a new format is a new key (2: shared memfd memory)
 TEMPLATE_PREFIX = "blahvm-template-"  # its guest, volume and run dir while it is made
 MAKING = ".making-"
+MAKER = ".maker-"  # a background maker's mark, from its start to its end (``.maker-<pid>-<start>``)
 RESTORING = ".restoring"
 
 
@@ -251,6 +256,13 @@ def guest_name(key: str) -> str:
     return TEMPLATE_PREFIX + key
 
 
+def key_of_guest(name: str) -> Optional[str]:
+    """The key of the template whose maker's guest is ``name``, or None for any other guest (a job's
+    is ``blahvm-<id>-<8 hex>``: never the prefix and 16 hex digits alone)."""
+    key = name[len(TEMPLATE_PREFIX):] if name.startswith(TEMPLATE_PREFIX) else ""
+    return key if len(key) == 16 and all(c in "0123456789abcdef" for c in key) else None
+
+
 def make(config: SiteConfig, conn: Connection, environment: Environment, golden: ImageInfo, shape: Shape,
          on_guest=None, background: bool = False) -> Optional[Made]:
     """Make the template of ``environment`` and ``shape`` unless it exists; None if another process
@@ -278,12 +290,14 @@ def make(config: SiteConfig, conn: Connection, environment: Environment, golden:
         scratch = os.path.join(top, f"{MAKING}t-{key}-{os.getpid()}-{_start_time(os.getpid())}")
         os.mkdir(scratch, 0o711)
         try:
-            _make_in(config, conn, environment, golden, shape, key, scratch, on_guest, background)
+            try:
+                _make_in(config, conn, environment, golden, shape, key, scratch, on_guest, background)
+            finally:  # while the scratch dir is there, reap knows the guest, volume and run dir are ours
+                _take_apart_guest(config, conn, key)
             final = _directory(config, key)
             shutil.rmtree(final, ignore_errors=True)  # a damaged one of the same key
             os.rename(scratch, final)
         finally:
-            _take_apart_guest(config, conn, key)
             shutil.rmtree(scratch, ignore_errors=True)
         _remove_predecessors(config, environment.name, shape, key)
         return Made(find(config, key, shape), time.monotonic() - started, True)
@@ -487,10 +501,58 @@ def being_made(config: SiteConfig) -> frozenset:
     return frozenset(guest_name(making.key) for making in _making_dirs(config) if making.alive)
 
 
+@attrs.frozen
+class _Maker:
+    path: str
+    pid: int
+    start: int
+
+    @property
+    def alive(self) -> bool:
+        return _alive(self.pid, self.start)
+
+
+def _maker_path(config: SiteConfig, pid: int, start: int) -> str:
+    return os.path.join(root(config), f"{MAKER}{pid}-{start}")
+
+
+def _makers(config: SiteConfig) -> List[_Maker]:
+    try:
+        names = os.listdir(root(config))
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        if name.startswith(MAKER):
+            with contextlib.suppress(ValueError):
+                pid, start = name[len(MAKER):].split("-")
+                found.append(_Maker(os.path.join(root(config), name), int(pid), int(start)))
+    return found
+
+
+def at_work(config: SiteConfig) -> bool:
+    """Whether a template maker of this site lives: one started in the background (marked before
+    the prepare that started it returns, unmarked once it has taken its guest apart) or one making
+    in its scratch dir (``blahvm image warm``)."""
+    return any(maker.alive for maker in _makers(config)) or any(making.alive for making in _making_dirs(config))
+
+
+def wait_for_makers(config: SiteConfig, timeout: float) -> bool:
+    """Until no template maker of this site lives (what it made is then in place, or it gave up and
+    took its guest apart); False if one still works after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while at_work(config):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def leftovers(config: SiteConfig, live_guests: set) -> List[str]:
     """What a killed maker, or a prepare killed while restoring, left under the templates
     directory: scratch dirs of dead makers, job save files of guests no live entry owns."""
     found = [making.scratch for making in _making_dirs(config) if not making.alive]
+    found += [maker.path for maker in _makers(config) if not maker.alive]
     try:
         restoring = os.listdir(os.path.join(root(config), RESTORING))
     except FileNotFoundError:
@@ -526,8 +588,19 @@ def make_in_background(config: SiteConfig, environment: Environment, shape: Shap
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         close_fds=True,
     )
-    process.stdin.write(dump_config(config).encode("utf-8"))
-    process.stdin.close()
+    # marked while it waits for its config: whoever asks after this prepare returns knows it works
+    marker = _maker_path(config, process.pid, _start_time(process.pid))
+    with contextlib.suppress(OSError, TemplateUnusable):
+        _ensure_root(config, make_state_dir=False)
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    try:
+        process.stdin.write(dump_config(config).encode("utf-8"))
+        process.stdin.close()
+    except BrokenPipeError:
+        pass  # it died at its start: the check below takes its mark away
+    if process.poll() is not None:  # it ended before its mark was there for it to remove
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(marker)
     return process.pid
 
 
@@ -542,12 +615,16 @@ def _main(argv: List[str]) -> int:
     config = parse_config(sys.stdin.buffer.read())
     environment = config.environments[argv[0]]
     shape = Shape(Size(int(argv[1])), int(argv[2]))
-    if not os.path.isdir(config.host.state_dir):  # its site is gone: make nothing of it again
-        return 1
-    golden = verify_image(environment.name, environment.image, environment.sha256, config.host.state_dir)
-    with connect(config) as conn:
-        make(config, conn, environment, golden, shape, background=True)
-    return 0
+    try:
+        if not os.path.isdir(config.host.state_dir):  # its site is gone: make nothing of it again
+            return 1
+        golden = verify_image(environment.name, environment.image, environment.sha256, config.host.state_dir)
+        with connect(config) as conn:
+            make(config, conn, environment, golden, shape, background=True)
+        return 0
+    finally:  # its guest, volume and run dir are gone by now: it no longer works
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_maker_path(config, os.getpid(), _start_time(os.getpid())))
 
 
 class _Stopped(BaseException):
