@@ -103,7 +103,7 @@ class Environment:
     scratch: Optional[Size] = None  # an extra empty disk of this size per job
     guests: Tuple[str, ...] = ()  # static environment: pre-defined guests to lease
     allow_root: bool = False  # the payload may ask to run as root in its guest (docs/security.md)
-    start: str = "boot"  # one of START_METHODS (docs/performance.md, "Starting from a saved state")
+    start: str = "auto"  # one of START_METHODS; auto boots where the flavour cannot (templates.why_not)
     context: str = "none"  # one of CONTEXTS (docs/images.md, "Using a stock cloud image")
     # the site's cloud-config additions to every job's seed: canonical JSON (blahvm.config.cloud_config)
     user_data: Optional[str] = None

@@ -9,13 +9,17 @@ import re
 import pytest
 
 from blahvm.cli.outcomes import EXIT_BAD_INPUT
-from tests.test_cli_host import blahvm, golden_env, site  # noqa: F401  (fixtures)
+from tests.test_cli_host import blahvm, golden_env, site, write_config  # noqa: F401  (fixtures)
 
 
-def test_warm_says_why_an_environment_gets_no_template_and_refuses_an_unknown_one(site):  # noqa: F811
+def test_warm_says_why_an_environment_gets_no_template_and_refuses_an_unknown_one(site, tmp_path,  # noqa: F811
+                                                                                   golden_env):  # noqa: F811
     done = blahvm("image", "warm", "--config", site)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == "demo: no template: the environment says start: boot\n"
+    assert done.stdout == "demo: no template: libvirt's test driver saves no guest states\n"  # start: auto
+    booting = write_config(str(tmp_path / "boot"), {**golden_env, "start": "boot"})
+    done = blahvm("image", "warm", "--config", booting)
+    assert (done.returncode, done.stdout) == (0, "demo: no template: the environment says start: boot\n"), done.stderr
     unknown = blahvm("image", "warm", "--config", site, "--environment", "nope")
     assert unknown.returncode == EXIT_BAD_INPUT and "'nope' is not in this host's config" in unknown.stderr
 

@@ -26,6 +26,7 @@ from tests.test_lifecycle import (
     READY_TIMEOUT,
     live_entries,
     make_config,
+    make_job,
     real_job,
     real_site,
     run_dirs,
@@ -175,6 +176,46 @@ def test_what_always_boots_says_why(tmp_path, golden, change, why):
     auto = attrs.evolve(make_config(tmp_path, golden).environments["demo"], start="auto")
     assert templates.why_not(auto) is None  # a working directory is no reason: it is hot-plugged
     assert why in templates.why_not(attrs.evolve(auto, **change))
+
+
+@pytest.mark.parametrize("flavour", ["xen-pv", "xen-hvm"])
+def test_by_default_a_flavour_without_saved_states_boots_and_its_line_says_why(tmp_path, golden, keep_driver,
+                                                                              flavour):
+    config = make_config(tmp_path, golden)
+    assert config.environments["demo"].start == "auto"  # the default
+    env = attrs.evolve(config.environments["demo"], flavour=flavour, kernel=None, initrd=None, cmdline=None)
+    config = attrs.evolve(config, environments={"demo": env})
+    result = prepare(config, make_job(), ready_timeout=None)
+    assert result.outcome is Outcome.OK, result.message
+    assert result.message.endswith(f"; booted: the {flavour} flavour starts no saved states here"), result.message
+    assert "boot" in dict(result.timings)
+    assert teardown(config, "1234.server").outcome is Outcome.OK
+
+
+def test_a_marked_maker_is_waited_for_until_it_ends_and_its_mark_is_then_a_leftover(tmp_path, golden):
+    import subprocess
+
+    config = make_config(tmp_path, golden)
+    assert templates.at_work(config) is False and templates.wait_for_makers(config, 0)  # no templates dir yet
+    os.makedirs(templates.root(config))
+    maker = subprocess.Popen(["sleep", "600"])  # stands in for a background maker: only its pid matters here
+    try:
+        start = templates._start_time(maker.pid)
+        mark = os.path.join(templates.root(config), f"{templates.MAKER}{maker.pid}-{start}")
+        open(mark, "w").close()
+        assert templates.at_work(config) and not templates.wait_for_makers(config, 0.3)
+        assert templates.leftovers(config, set()) == []  # a live maker's mark is not one
+        recycled = os.path.join(templates.root(config), f"{templates.MAKER}{maker.pid}-1")  # its pid, not its start
+        open(recycled, "w").close()
+        assert templates.leftovers(config, set()) == [recycled]
+        os.unlink(recycled)
+    finally:
+        maker.kill()
+        maker.wait()
+    assert templates.wait_for_makers(config, 10) and not templates.at_work(config)
+    assert templates.leftovers(config, set()) == [mark]  # it died without unmarking itself: reap's to remove
+    templates.remove_leftovers(templates.leftovers(config, set()))
+    assert os.listdir(templates.root(config)) == []
 
 
 def test_a_template_guest_has_shared_memory_and_a_hot_plugged_share_is_the_booted_device():
