@@ -153,8 +153,8 @@ def test_reap_counts_what_closing_an_entry_removed(site, tmp_path):
 
 def test_guests_without_an_entry_are_flagged(tmp_path, golden_env):
     """A test-driver node file gives every process the same guests: one of ours, one of another host's, one of
-    another installation's on this host, and two template makers' of ours: one whose maker lives (this
-    process, by its scratch dir), one whose maker died."""
+    another installation's on this host, and two template makers' of ours, each with its volume and run dir:
+    one whose maker lives (this process, by its scratch dir), left alone; one whose maker died, reap's."""
     from blahvm.lifecycle import templates
 
     live, dead = "0123456789abcdef", "fedcba9876543210"
@@ -176,7 +176,14 @@ def test_guests_without_an_entry_are_flagged(tmp_path, golden_env):
             *((f"blahvm-template-{key}", "template demo", socket.gethostname(),
                f"<blahvm:ledger>{state}</blahvm:ledger>")
               for key in (live, dead))))
-    node.write_text(f"<node>{domains}</node>")
+    volumes = "".join(  # each maker's volume, in the site's pool
+        f"""<volume type="file"><name>blahvm-template-{key}.qcow2</name><capacity>1048576</capacity>
+        <allocation>0</allocation><target><path>/var/lib/blahvm/test-clones/blahvm-template-{key}.qcow2</path>
+        </target></volume>""" for key in (live, dead))
+    pool = f"""<pool type="dir"><name>blahvm</name><uuid>35bb2ad9-388a-cdfe-461a-b8907f6e53fe</uuid>
+        <capacity>1073741824</capacity><allocation>0</allocation><available>1073741824</available>
+        <target><path>/var/lib/blahvm/test-clones</path></target>{volumes}</pool>"""
+    node.write_text(f"<node>{domains}{pool}</node>")
     config = write_config(str(tmp_path), golden_env, uri=f"test://{node}")
     listed = as_json(blahvm("guests", "--config", config, "--json"))["guests"]
     rows = {row["job_id"] or row["template"]: row for row in listed}
@@ -194,7 +201,11 @@ def test_guests_without_an_entry_are_flagged(tmp_path, golden_env):
     dry = blahvm("reap", "--config", config, "--dry-run")
     assert dry.stdout.splitlines() == ["would remove guest blahvm-7.o-00000001",
                                        f"would remove guest blahvm-template-{dead}",
+                                       f"would remove volume blahvm-template-{dead}.qcow2",
                                        f"would remove run dir {tmp_path}/run/blahvm-template-{dead}"]
+    leftovers = as_json(blahvm("guests", "--config", config, "--json"))["reap_would_remove"]
+    assert leftovers == {"volumes": [f"blahvm-template-{dead}.qcow2"],
+                         "run_dirs": [f"{tmp_path}/run/blahvm-template-{dead}"]}
     assert as_json(blahvm("reap", "--config", config, "--json"))["guests"] == \
         ["blahvm-7.o-00000001", f"blahvm-template-{dead}"]
 
