@@ -7,6 +7,7 @@ shared with the guest (the daemons' mount namespace is not libvirt's, see tests/
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -29,10 +30,15 @@ OTHER_MEMORY_MIB = 384  # environment "other": the demo image with more memory t
 
 
 @pytest.fixture(scope="module")
-def openpbs(demo_image):
+def openpbs(demo_image, request):
     why = available()
     if why:
         pytest.skip(why)
+    # one run of this module at a time on the host's one OpenPBS: another run's fixture would install its
+    # own site's hook and stop the daemons at its end (seen when two ran at once)
+    lock = open("/run/blahvm-test-openpbs.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    request.addfinalizer(lock.close)
     from blahvm.hypervisor.kvm import resolve_domain_type
 
     user = job_user()
