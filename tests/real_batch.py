@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import subprocess
 from typing import Dict, List, Optional
 
@@ -110,3 +111,15 @@ def remove_pool_and_its_guests(pool: str) -> None:
         virsh("undefine", name)
     virsh("pool-destroy", pool)
     virsh("pool-undefine", pool)
+
+
+def remove_run_dirs(run_dir: str) -> None:
+    """A test site's run dir and the pinned shares beside it (``RUN_DIR-shares``). What a failed test left
+    mounted there is unmounted first: nothing is ever removed through a job's bind mount."""
+    shares = run_dir + "-shares"
+    with open("/proc/self/mountinfo") as stream:
+        mounted = [line.split()[4] for line in stream if line.split()[4].startswith((run_dir + "/", shares + "/"))]
+    for point in sorted(mounted, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.rmtree(shares, ignore_errors=True)

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from tests.lava_cluster import BINDIR, ENVDIR, FINISHED, Lava, available
-from tests.real_batch import SUBMIT_USER, remove_pool_and_its_guests, settle_templates, virsh
+from tests.real_batch import SUBMIT_USER, remove_pool_and_its_guests, remove_run_dirs, settle_templates, virsh
 
 pytestmark = pytest.mark.guest
 
@@ -98,7 +98,7 @@ def lava(demo_image):
         cluster.driver("down", check=False)
         remove_pool_and_its_guests(pool)
         shutil.rmtree(directory, ignore_errors=True)
-        shutil.rmtree(config["host"]["run_dir"], ignore_errors=True)
+        remove_run_dirs(config["host"]["run_dir"])
 
 
 def _log(lava) -> str:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from tests.openpbs_cluster import HOME, PREFIX, OpenPBS, available, job_user
-from tests.real_batch import guests_of_pool, remove_pool_and_its_guests, settle_templates, virsh
+from tests.real_batch import guests_of_pool, remove_pool_and_its_guests, remove_run_dirs, settle_templates, virsh
 
 pytestmark = pytest.mark.guest
 
@@ -124,7 +124,7 @@ def openpbs(demo_image, request):
         cluster.driver("down", check=False)
         remove_pool_and_its_guests(pool)
         shutil.rmtree(directory, ignore_errors=True)
-        shutil.rmtree(config["host"]["run_dir"], ignore_errors=True)
+        remove_run_dirs(config["host"]["run_dir"])
 
 
 def _log(pbs) -> str:

@@ -19,7 +19,7 @@ import time
 import pytest
 import yaml
 
-from tests.real_batch import guests_of_pool, settle_templates
+from tests.real_batch import guests_of_pool, remove_run_dirs, settle_templates
 from tests.slurm_cluster import NODE, SlurmCluster, available
 
 pytestmark = pytest.mark.guest
@@ -73,14 +73,8 @@ def site(demo_image):
         _virsh("undefine", name)
     _virsh("pool-destroy", pool)
     _virsh("pool-undefine", pool)
-    shares = config["host"]["run_dir"] + "-shares"
-    with open("/proc/self/mountinfo") as stream:
-        mounted = [line.split()[4] for line in stream if line.split()[4].startswith(shares + "/")]
-    for point in sorted(mounted, reverse=True):  # never remove files through a job's bind mount
-        subprocess.run(["umount", "-l", point], check=False)
     shutil.rmtree(directory, ignore_errors=True)
-    shutil.rmtree(config["host"]["run_dir"], ignore_errors=True)
-    shutil.rmtree(shares, ignore_errors=True)
+    remove_run_dirs(config["host"]["run_dir"])
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import time
 import pytest
 import yaml
 
-from tests.real_batch import settle_templates
+from tests.real_batch import remove_run_dirs, settle_templates
 from tests.slurm_cluster import SlurmCluster, available
 
 pytestmark = pytest.mark.guest
@@ -85,8 +85,7 @@ def hosts(demo_image):
     for config in configs.values():
         _virsh("pool-destroy", config["hypervisor"]["pool"])
         _virsh("pool-undefine", config["hypervisor"]["pool"])
-        shutil.rmtree(config["host"]["run_dir"], ignore_errors=True)
-        shutil.rmtree(config["host"]["run_dir"] + "-shares", ignore_errors=True)
+        remove_run_dirs(config["host"]["run_dir"])
     shutil.rmtree(base, ignore_errors=True)
 
 
