@@ -51,7 +51,9 @@ class SlurmCluster:
     def __init__(self, extra: Optional[List[str]] = None, directory: Optional[str] = None,
                  cpus: int = 2, node_options: str = "", files: Optional[Dict[str, str]] = None,
                  nodes: Optional[List[str]] = None, binds: Optional[Dict[str, tuple]] = None,
-                 node_extra: Optional[Dict[str, str]] = None, shared: Optional[Dict[str, List[str]]] = None) -> None:
+                 node_extra: Optional[Dict[str, str]] = None, shared: Optional[Dict[str, List[str]]] = None,
+                 before_controller=None) -> None:
+        self.before_controller = before_controller  # called with the cluster once munged runs (slurmdbd)
         self.shared = {node: list(paths) for node, paths in (shared or {}).items()}
         self.peer_mounts: List[str] = []
         self.nodes = list(nodes or [NODE])
@@ -201,6 +203,8 @@ class SlurmCluster:
                       f"--key-file={key}", f"--pid-file={self.pidfiles['munged']}",
                       f"--log-file={munge_dir}/munged.log", f"--seed-file={munge_dir}/munged.seed"])
         self._wait_for(lambda: os.path.exists(self.munge_socket), "munged's socket")
+        if self.before_controller is not None:
+            self.before_controller(self)
         self.pidfiles["slurmctld"] = os.path.join(self.dir, "slurmctld.pid")
         self._daemon([f"{SBIN}/slurmctld", "-c", "-f", self.conf])
         self._wait_for(lambda: self.run(["scontrol", "ping"]).stdout.count("UP") > 0, "slurmctld")
@@ -255,7 +259,8 @@ class SlurmCluster:
 
     def stop(self) -> None:
         """Stop the daemons by their pid files (slurmd first), waiting until each is gone."""
-        for name in (*(f"slurmd {node}" for node in self.nodes), "slurmctld", "munged"):
+        others = [name for name in self.pidfiles if name != "munged" and name != "slurmctld" and not name.startswith("slurmd ")]
+        for name in (*(f"slurmd {node}" for node in self.nodes), "slurmctld", *others, "munged"):
             path = self.pidfiles.get(name)
             if not path:
                 continue

@@ -34,7 +34,7 @@ def test_the_spank_plugin_is_built_for_this_slurm_and_wired_to_the_task_wrapper(
     assert "GresTypes=blahvm" in done.stdout.splitlines()
     assert "#   Features=NONE Gres=blahvm:1" in done.stdout.splitlines()  # no environments; max_guests 1
     assert (hooks / "plugstack.conf").read_text() == (
-        f"required {hooks}/blahvm_spank.so task={hooks}/task follow={hooks}/follow\n")
+        f"required {hooks}/blahvm_spank.so task={hooks}/task follow={hooks}/follow charge={hooks}/charge\n")
     # Slurm refuses a plugin built for another release: the version in it is this Slurm's
     plugin = ctypes.CDLL(str(hooks / "blahvm_spank.so"), mode=os.RTLD_LAZY)
     with open("/usr/include/slurm/slurm_version.h") as stream:
@@ -43,6 +43,7 @@ def test_the_spank_plugin_is_built_for_this_slurm_and_wired_to_the_task_wrapper(
     assert (ctypes.c_char * 6).in_dll(plugin, "plugin_type").value == b"spank"
     assert (ctypes.c_char * 7).in_dll(plugin, "plugin_name").value == b"blahvm"
     assert hasattr(plugin, "slurm_spank_task_init") and hasattr(plugin, "slurm_spank_init")
+    assert hasattr(plugin, "slurm_spank_task_post_fork")  # the extern step's: the guest charged to the job
     assert hasattr(plugin, "slurm_spank_task_init_privileged")  # starts the follow hook, as root
     lua = (hooks / "job_submit.lua").read_text()
     assert "@ROUTE@" not in lua and "@TASK@" not in lua

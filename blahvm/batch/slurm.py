@@ -13,6 +13,9 @@
 - ``follow_main``  started as root by the SPANK plugin for each task (``FOLLOW JOBID PID``), detached
                    from the step: pauses the job's guest while Slurm has the task stopped
                    (``scontrol suspend``, preemption by suspension) and resumes it with the task.
+- ``charge_main``  started as root by the SPANK plugin when the extern step starts (``CHARGE JOBID
+                   STEPD``), detached: moves the job's guest into the extern step's cgroups, so
+                   Slurm's cgroup plugins account, limit and freeze it (``blahvm.lifecycle.charge``).
 - ``health_main``  HealthCheckProgram (root, periodic): drains the node while its hypervisor, ledger
                    or config is unusable and resumes it after; keeps the node's ``blahvm`` GRES at
                    the guest slots Slurm may still fill (``max_guests`` less those held outside Slurm).
@@ -30,7 +33,7 @@ from blahvm.errors import printable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Dict, List, Mapping, Optional, Sequence, Union
+    from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
     from blahvm.model import Job, Rejection, SiteConfig
 
@@ -454,6 +457,81 @@ def follow_main(config: str, argv: "Optional[List[str]]" = None, environ: "Optio
         return 0 if result.outcome is Outcome.OK else 1
 
     return run_hook("slurm-follow", body, on_error=1, stderr=False)
+
+
+EXTERN_PLACEHOLDER = b"sleep"  # what slurmstepd execs as the extern step's one task (mgr.c, _spawn_job_container)
+
+
+def placeholder_in(stats: "Iterable[bytes]", stepd: int) -> "Optional[int]":
+    """The extern step's placeholder among ``/proc/PID/stat`` lines: the live child of slurmstepd
+    ``stepd`` that runs ``sleep`` (pure); None unless there is exactly one."""
+    found = []
+    for stat in stats:
+        try:
+            pid = int(stat[: stat.index(b" ")])
+            comm = stat[stat.index(b"(") + 1 : stat.rindex(b")")]
+            state, ppid = stat[stat.rindex(b")") + 2 :].split()[:2]
+        except ValueError:
+            continue
+        if int(ppid) == stepd and comm == EXTERN_PLACEHOLDER and state not in (b"Z", b"X"):
+            found.append(pid)
+    return found[0] if len(found) == 1 else None
+
+
+def _placeholder(stepd: int, wait: float = 10.0) -> "Optional[int]":
+    """The extern step's placeholder process, once slurmstepd has started it (the SPANK plugin calls
+    the charge hook right after its fork)."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        lines = []
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open(f"/proc/{name}/stat", "rb") as stream:
+                        lines.append(stream.read())
+                except OSError:
+                    continue
+        found = placeholder_in(lines, stepd)
+        if found is not None or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def charge_main(config: str, argv: "Optional[List[str]]" = None, environ: "Optional[Mapping[str, str]]" = None) -> int:
+    """``CHARGE JOBID STEPD``: started as root by the SPANK plugin when the job's extern step starts
+    (``PrologFlags=Contain``), detached. Moves the job's guest into the cgroups Slurm gave the extern
+    step's placeholder, so Slurm's cgroup plugins count, limit and freeze it, and records the guest's
+    usage until Slurm ends it with the job."""
+    argv = sys.argv[1:] if argv is None else argv
+    environ = os.environ if environ is None else environ
+
+    def body() -> int:
+        from blahvm.config import ConfigError, load_config
+        from blahvm.lifecycle.charge import charge
+        from blahvm.model import Outcome
+
+        if len(argv) != 2 or not all(a.isdigit() and len(a) < 11 for a in argv) or int(argv[1]) == 0:
+            log_event("slurm-charge", f"usage: CHARGE JOBID STEPD_PID (got {printable(' '.join(argv))[:200]})")
+            return 2
+        job_id, stepd = argv[0], int(argv[1])
+        try:
+            site = load_config(config)
+        except ConfigError as error:
+            log_event("slurm-charge", f"bad config: {error}", job_id=job_id)
+            return 1
+        key = _followed_key(site, job_id, environ)
+        reference = _placeholder(stepd)
+        if reference is None:
+            log_event("slurm-charge", f"charge {key}: no extern step placeholder under slurmstepd {stepd}; "
+                                      "the guest stays outside the job's cgroups", job_id=key, log_file=site.host.log_file)
+            return 1
+        result = charge(site, key, reference)
+        log_event("slurm-charge", result.message, job_id=key, log_file=site.host.log_file)
+        return 0 if result.outcome is Outcome.OK else 1
+
+    return run_hook("slurm-charge", body, on_error=1, stderr=False)
 
 
 # -- HealthCheckProgram: the node's health and guest slots ------------------------------------------

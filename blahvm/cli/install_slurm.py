@@ -12,6 +12,7 @@ HOOKS = (  # file, function in blahvm.batch.slurm
     ("route", "route_main"),
     ("health", "health_main"),
     ("follow", "follow_main"),  # root: the SPANK plugin starts it for each task
+    ("charge", "charge_main"),  # root: the SPANK plugin starts it with the extern step (PrologFlags=Contain)
 )
 # blahvm/plugins: the checkout's plugins/ (a link), or the copy an installed wheel carries
 PLUGIN_SOURCES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plugins", "slurm")
@@ -102,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
             if problem:
                 return fail(f"cannot build the SPANK plugin: {problem} (or pass --no-spank)")
             install_file(os.path.join(directory, "plugstack.conf"),
-                         f"required {directory}/blahvm_spank.so task={paths['task']} follow={paths['follow']}\n", 0o644)
+                         f"required {directory}/blahvm_spank.so task={paths['task']} follow={paths['follow']} "
+                         f"charge={paths['charge']}\n", 0o644)
     except OSError as error:
         return fail(f"cannot install into {directory}: {error.strerror or error}")
     user = args.slurm_user or slurm_user(args.slurm_conf)
@@ -115,6 +117,8 @@ GresTypes=blahvm
 Prolog={paths['prolog']}
 Epilog={paths['epilog']}
 PrologFlags=Alloc,NoHold
+# with Slurm's cgroup plugins (proctrack/cgroup, task/cgroup, jobacct_gather/cgroup), PrologFlags=Alloc,Contain
+# instead: each job's guest joins the job's cgroups (accounted, limited, frozen with it; docs/slurm.md); 22.05 refuses NoHold with Contain
 # merge into an existing SchedulerParameters= line (Slurm reads only one), e.g. SchedulerParameters=defer,nohold_on_prolog_fail
 SchedulerParameters=nohold_on_prolog_fail
 HealthCheckProgram={paths['health']}

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional
 
 import attrs
 
+from blahvm.hypervisor import process
 from blahvm.hypervisor.connection import Connection, libvirt
 from blahvm.hypervisor.errors import NotFound
 from blahvm.hypervisor.naming import check_safe_name
@@ -23,7 +24,8 @@ class DomainUsage:
     """A running guest's consumption since it started (or, restored from a saved state, since the restore).
 
     ``cpu_seconds`` is every thread of the guest's QEMU (vcpus, emulator, I/O): what the host spent on
-    the job. ``vcpu_seconds`` is the guest's vcpus alone. ``memory_bytes`` is QEMU's resident set now:
+    the job (from /proc where QEMU is this host's process, else libvirt's ``cpu.time``).
+    ``vcpu_seconds`` is the guest's vcpus alone. ``memory_bytes`` is QEMU's resident set now:
     without a balloon QEMU never hands back a page the guest touched, so it is the high-water mark of
     the guest's memory plus QEMU's own. Disk bytes are summed over every disk of the guest.
     """
@@ -35,8 +37,11 @@ class DomainUsage:
     disk_write_bytes: int
 
 
-def usage_of(stats: Mapping[str, Any]) -> Optional[DomainUsage]:
-    """The usage in one domain's statistics; None unless the domain is active (has a QEMU) and gives its CPU time."""
+def usage_of(stats: Mapping[str, Any], process_cpu: Optional[float] = None) -> Optional[DomainUsage]:
+    """The usage in one domain's statistics; None unless the domain is active (has a QEMU) and gives its CPU time.
+
+    ``process_cpu``: QEMU's own CPU seconds from /proc, when known. It replaces libvirt's ``cpu.time``,
+    which reads libvirt's cgroup of the guest and misses every thread moved into a batch job's cgroup."""
     # libvirt 9.0 answers cpu.time for a shut-off domain too, with libvirtd's own CPU time (the /proc of pid 0)
     if stats.get("state.state") not in _ACTIVE or "cpu.time" not in stats:
         return None
@@ -44,7 +49,7 @@ def usage_of(stats: Mapping[str, Any]) -> Optional[DomainUsage]:
     rss = stats.get("balloon.rss")  # KiB
     blocks = int(stats.get("block.count", 0))
     return DomainUsage(
-        cpu_seconds=int(stats["cpu.time"]) * _NS,
+        cpu_seconds=int(stats["cpu.time"]) * _NS if process_cpu is None else process_cpu,
         vcpu_seconds=sum(int(value) for value in vcpus) * _NS if vcpus else None,
         memory_bytes=None if rss is None else int(rss) * 1024,
         disk_read_bytes=sum(int(stats.get(f"block.{i}.rd.bytes", 0)) for i in range(blocks)),
@@ -68,4 +73,5 @@ def domain_usage(conn: Connection, name: str) -> Optional[DomainUsage]:
         stats = conn.call(f"statistics of {name}", read)
     except NotFound:
         return None
-    return None if stats is None else usage_of(stats)
+    pid = process.qemu_pid(conn, name)
+    return None if stats is None else usage_of(stats, None if pid is None else process.cpu_seconds_of(pid))

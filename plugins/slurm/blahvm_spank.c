@@ -2,7 +2,7 @@
  * blahvm's SPANK plugin: every srun task runs inside the job's guest.
  *
  * plugstack.conf:   required /etc/slurm/blahvm/blahvm_spank.so task=/etc/slurm/blahvm/task \
- *                       follow=/etc/slurm/blahvm/follow
+ *                       follow=/etc/slurm/blahvm/follow charge=/etc/slurm/blahvm/charge
  *
  * In slurmstepd, just before a task's command is executed (as the job's user), the task instead
  * becomes `TASK -- COMMAND ARGS`: blahvm's task wrapper, which runs the command in the job's guest
@@ -19,6 +19,12 @@
  * (blahvm follow, optional): detached from the step (its own session, reparented to init) so that
  * Slurm never stops it with the job, it pauses the guest while the task is stopped and resumes it
  * with the task, and exits with it.
+ *
+ * Charging the guest to the job (optional, PrologFlags=Contain): when the job's extern step has
+ * started its placeholder process (in the cgroups Slurm's cgroup plugins made for the job), the
+ * plugin, as root in that step's slurmstepd, starts `CHARGE JOBID STEPD_PID` detached: it moves the
+ * guest's QEMU into the placeholder's cgroups, so Slurm accounts, limits and freezes the guest as
+ * the job's, and records the guest's usage until Slurm ends it with the job.
  *
  * Built per Slurm release by `blahvm install slurm` (the version is compiled in and checked by
  * Slurm when it loads the plugin).
@@ -42,9 +48,11 @@ SPANK_PLUGIN(blahvm, 1);
 
 #define TASK_OPTION "task="
 #define FOLLOW_OPTION "follow="
+#define CHARGE_OPTION "charge="
 
 static char task_path[PATH_MAX];
 static char follow_path[PATH_MAX];
+static char charge_path[PATH_MAX];
 
 static int absolute_option(const char *arg, const char *option, char *into)
 {
@@ -64,12 +72,16 @@ static int configure(int ac, char **av)
 
 	task_path[0] = '\0';
 	follow_path[0] = '\0';
+	charge_path[0] = '\0';
 	for (i = 0; i < ac; i++) {
 		if (strncmp(av[i], TASK_OPTION, strlen(TASK_OPTION)) == 0) {
 			if (absolute_option(av[i], TASK_OPTION, task_path) < 0)
 				return -1;
 		} else if (strncmp(av[i], FOLLOW_OPTION, strlen(FOLLOW_OPTION)) == 0) {
 			if (absolute_option(av[i], FOLLOW_OPTION, follow_path) < 0)
+				return -1;
+		} else if (strncmp(av[i], CHARGE_OPTION, strlen(CHARGE_OPTION)) == 0) {
+			if (absolute_option(av[i], CHARGE_OPTION, charge_path) < 0)
 				return -1;
 		} else {
 			slurm_error("blahvm: unknown plugstack.conf argument: %s", av[i]);
@@ -92,13 +104,13 @@ int slurm_spank_init(spank_t sp, int ac, char **av)
 }
 
 /*
- * Start `FOLLOW JOBID PID` for this task, detached: a new session, reparented to init (a double
+ * Start `HOOK JOBID PID` (follow or charge), detached: a new session, reparented to init (a double
  * fork), stdio on /dev/null, no other descriptor of slurmstepd's, an environment of its own.
  */
-static void start_follow(uint32_t job_id, pid_t task, const char *node)
+static void start_hook(char *hook, uint32_t job_id, pid_t task, const char *node)
 {
 	char id[16], pid[16], node_env[128] = "SLURMD_NODENAME=";
-	char *argv[] = {follow_path, id, pid, NULL};
+	char *argv[] = {hook, id, pid, NULL};
 	char *envp[] = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin", node_env, NULL};
 	pid_t child;
 	int status, fd;
@@ -111,7 +123,7 @@ static void start_follow(uint32_t job_id, pid_t task, const char *node)
 		envp[1] = NULL;
 	child = fork();
 	if (child < 0) {
-		slurm_error("blahvm: cannot start %s: %m", follow_path);
+		slurm_error("blahvm: cannot start %s: %m", hook);
 		return;
 	}
 	if (child == 0) {
@@ -126,7 +138,7 @@ static void start_follow(uint32_t job_id, pid_t task, const char *node)
 		}
 		for (fd = 3; fd < 65536; fd++)
 			close(fd);
-		execve(follow_path, argv, envp);
+		execve(hook, argv, envp);
 		_exit(127);
 	}
 	while (waitpid(child, &status, 0) < 0 && errno == EINTR)
@@ -150,7 +162,33 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 	}
 	if (spank_getenv(sp, "SLURMD_NODENAME", node, sizeof(node)) != ESPANK_SUCCESS)
 		node[0] = '\0';  /* the follow hook then takes the host name, as the other hooks do */
-	start_follow(job_id, getpid(), node);
+	start_hook(follow_path, job_id, getpid(), node);
+	return 0;
+}
+
+/*
+ * The extern step (PrologFlags=Contain): called as root in its slurmstepd right after it forked its
+ * placeholder and Slurm put that in the job's cgroups. The charge hook finds the placeholder as this
+ * slurmstepd's child.
+ */
+int slurm_spank_task_post_fork(spank_t sp, int ac, char **av)
+{
+	uint32_t step, job_id;
+	char node[64] = "";
+
+	(void) ac;
+	(void) av;
+	if (charge_path[0] == '\0' || !spank_remote(sp))
+		return 0;
+	if (spank_get_item(sp, S_JOB_STEPID, &step) != ESPANK_SUCCESS || step != SLURM_EXTERN_CONT)
+		return 0;
+	if (spank_get_item(sp, S_JOB_ID, &job_id) != ESPANK_SUCCESS) {
+		slurm_error("blahvm: cannot tell the extern step's job: its guest is not charged to it");
+		return 0;  /* the job still runs; only Slurm's accounting and limits miss its guest */
+	}
+	if (spank_getenv(sp, "SLURMD_NODENAME", node, sizeof(node)) != ESPANK_SUCCESS)
+		node[0] = '\0';
+	start_hook(charge_path, job_id, getpid(), node);
 	return 0;
 }
 
