@@ -258,3 +258,32 @@ def test_the_guest_is_the_jobs_in_sacct_in_suspension_and_in_blahvms_record(clus
     # within 10 % of what the guest measured; short of it by at most the time its vcpu waited for a host
     # core, which the guest may count as its own CPU (TCG reports no steal to it) and the host does not
     assert record.note is None and 0.9 * measured - waited <= burnt <= 1.1 * measured, (burnt, waited, measured, record)
+
+
+def test_a_job_whose_memory_limit_cannot_hold_its_guest_keeps_it_outside_and_says_why(cluster, site):
+    """--mem equal to the guest's memory leaves nothing for QEMU: the charge hook refuses, the job runs."""
+    from blahvm.config import load_config
+    from blahvm.hypervisor.connection import open_connection
+    from blahvm.hypervisor.process import qemu_pid
+    from blahvm.quantities import Size
+    from tests.test_lifecycle import guest_of
+
+    config = load_config(site["config"])
+    memory = Size.parse(site["memory"]).mib  # the environment's: routing refuses more
+    out = os.path.join(site["work"], "small-%j.out")
+    submitted = cluster.run(["sbatch", "--parsable", f"--mem={memory}M", "-D",
+                             site["work"], "-o", out, "--wrap", "sleep 3; echo small done"], user=USER)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    guest = guest_of(config, f"{job_id}@{NODE}")
+    said = _until(lambda: [line for line in _log(site).splitlines()
+                           if f"charge {job_id}@{NODE}:" in line and "memory limit" in line], "the charge hook's refusal")
+    assert f"is below its guest's {memory}MiB plus 128MiB for QEMU ({memory + 128}MiB)" in said[0], said
+    with open_connection(config.hypervisor.uri, timeout=30) as conn:
+        pid = qemu_pid(conn, guest)
+        if pid is not None:  # still running: in libvirt's cgroups, not the job's
+            with open(f"/proc/{pid}/cgroup") as stream:
+                assert f"job_{job_id}" not in stream.read()
+    fields = cluster.wait_job(job_id, timeout=600)
+    with open(out.replace("%j", job_id)) as stream:
+        assert (fields.get("ExitCode"), stream.read()) == ("0:0", "small done\n")

@@ -56,7 +56,7 @@ def limit_problem(limit: Optional[int], guest_memory: int) -> Optional[str]:
     if limit is None or limit >= needed:
         return None
     return (f"the job's memory limit {Size(limit)} is below its guest's {Size(guest_memory)} plus "
-            f"{QEMU_OVERHEAD} for QEMU ({Size(needed)}): ask for at least that much memory")
+            f"{QEMU_OVERHEAD} for QEMU ({Size(needed)}), and the OOM killer would kill the guest")
 
 
 def _leave_job_cgroups() -> None:
