@@ -199,6 +199,7 @@ def test_the_guest_is_the_jobs_in_sacct_in_suspension_and_in_blahvms_record(clus
             placed = _until(charged, "QEMU in the job's extern step cgroups", timeout=180)
         except AssertionError as error:
             raise AssertionError(f"{error}\n{_log(site)}") from None
+        assert _until(lambda: f"charge {key}: guest {guest} (QEMU {pid}) moved into " in _log(site), "the hook's log line")
         threads = os.listdir(f"/proc/{pid}/task")
         for tid in threads:  # every thread, vcpus included, not only the process
             with open(f"/proc/{pid}/task/{tid}/cgroup") as stream:

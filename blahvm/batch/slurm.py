@@ -527,7 +527,8 @@ def charge_main(config: str, argv: "Optional[List[str]]" = None, environ: "Optio
             log_event("slurm-charge", f"charge {key}: no extern step placeholder under slurmstepd {stepd}; "
                                       "the guest stays outside the job's cgroups", job_id=key, log_file=site.host.log_file)
             return 1
-        result = charge(site, key, reference)
+        result = charge(site, key, reference,
+                        report=lambda line: log_event("slurm-charge", line, job_id=key, log_file=site.host.log_file))
         log_event("slurm-charge", result.message, job_id=key, log_file=site.host.log_file)
         return 0 if result.outcome is Outcome.OK else 1
 

@@ -76,12 +76,14 @@ def charge(
     *,
     interval: float = DEFAULT_INTERVAL,
     should_stop: Callable[[], bool] = lambda: False,
+    report: Callable[[str], None] = lambda message: None,
 ) -> ChargeResult:
     """Move the job's guest into the cgroups of process ``reference`` (the batch system's own process of the
     job), then record the guest's usage every ``interval`` seconds until it is gone. Runs as root.
 
     ``FAIL_JOB`` when the job has no running guest or the job's memory limit is too small for it (then
-    the guest is left where it was, outside the job); ``RETRY_ELSEWHERE`` when it could not be moved."""
+    the guest is left where it was, outside the job); ``RETRY_ELSEWHERE`` when it could not be moved.
+    ``report`` is told, in one line, once the guest is in the job's cgroups (the result comes at the job's end)."""
     verb = f"charge {job_id}"
     try:
         with Ledger(config.host) as ledger:
@@ -100,14 +102,15 @@ def charge(
             if pid is None:
                 return ChargeResult(Outcome.FAIL_JOB, f"{verb}: guest {entry.guest} has no QEMU process here", job_id)
             jobcgroup.join(pid, places)
+            where = ", ".join(place.directory for place in places)
+            report(f"{verb}: guest {entry.guest} (QEMU {pid}) moved into {where}")
             _leave_job_cgroups()
             samples = _sample(config, job_id, entry.guest, pid, interval, should_stop, conn)
     except jobcgroup.CgroupError as error:
         return ChargeResult(Outcome.RETRY_ELSEWHERE, f"{verb}: {error}", job_id)
     except (HypervisorError, LedgerError, OSError) as error:
         return ChargeResult(Outcome.RETRY_ELSEWHERE, f"{verb}: {error}", job_id)
-    where = ", ".join(place.directory for place in places)
-    return ChargeResult(Outcome.OK, f"{verb}: guest {entry.guest} (QEMU {pid}) was in {where}; "
+    return ChargeResult(Outcome.OK, f"{verb}: guest {entry.guest} (QEMU {pid}) ended with the job; "
                                     f"{samples} usage samples recorded", job_id, charged=True)
 
 
