@@ -194,3 +194,23 @@ def test_the_extern_steps_placeholder_is_slurmstepds_one_live_sleep_child():
     assert placeholder_in(stats, 100) == 101
     assert placeholder_in(stats + [b"105 (sleep) S 100 105 105 0 -1 0"], 100) is None  # not one: none
     assert placeholder_in([b"garbage"], 100) is None
+
+
+def test_charge_leaves_alone_a_job_without_a_running_guest_or_without_a_qemu_here(tmp_path, golden, keep_driver):
+    """Before any move: no running guest is the job's fault; a guest libvirt runs without a local QEMU
+    (the test driver, Xen) cannot be charged, and the reference's root cgroups are no job's."""
+    from blahvm.lifecycle import prepare, teardown
+    from blahvm.lifecycle.charge import charge
+    from blahvm.model import Outcome
+    from tests.test_lifecycle import make_config, make_job
+
+    config = make_config(tmp_path, golden)
+    job = make_job()
+    none = charge(config, job.job_id, os.getpid())
+    assert (none.outcome, none.charged) == (Outcome.FAIL_JOB, False) and "no running guest" in none.message
+    assert prepare(config, job, ready_timeout=None).outcome is Outcome.OK
+    try:
+        init = charge(config, job.job_id, 1)  # init is in no job's cgroups
+        assert init.outcome is Outcome.OK and not init.charged and "in no cgroup of a job" in init.message
+    finally:
+        assert teardown(config, job.job_id).outcome is Outcome.OK
