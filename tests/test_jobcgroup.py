@@ -42,7 +42,7 @@ V1_MOUNTS = """31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
 40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 """
-V2_CGROUP = "0::/system.slice/slurmstepd.scope/job_7/step_extern/user/task_special\n"
+V2_CGROUP = "0::/system.slice/slurmstepd.scope/job_7/step_extern/user/task_0\n"
 V2_MOUNTS = "25 30 0:23 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate\n"
 
 
@@ -60,7 +60,7 @@ def test_a_v1_job_cgroup_is_joined_in_the_controllers_slurm_uses_memory_first_fr
 
 def test_a_v2_job_cgroup_is_one_place_the_whole_process_moves_to():
     places = jobcgroup.targets(jobcgroup.parse_cgroup(V2_CGROUP), jobcgroup.parse_mountinfo(V2_MOUNTS))
-    assert places == (Target("/sys/fs/cgroup/system.slice/slurmstepd.scope/job_7/step_extern/user/task_special",
+    assert places == (Target("/sys/fs/cgroup/system.slice/slurmstepd.scope/job_7/step_extern/user/task_0",
                              "cgroup.procs", ()),)
     assert not places[0].per_thread
 
