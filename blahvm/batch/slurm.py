@@ -33,7 +33,7 @@ from blahvm.errors import printable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+    from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
     from blahvm.model import Job, Rejection, SiteConfig
 
@@ -434,24 +434,33 @@ def _followed_key(site: "SiteConfig", job_id: str, environ: "Mapping[str, str]")
     return keys[0] if len(keys) == 1 else job_key(job_id, environ)
 
 
+def _spank_started(hook: str, usage: str, config: str, argv: "Sequence[str]") -> "Union[int, Tuple[str, int, SiteConfig]]":
+    """``JOBID PID`` as the SPANK plugin passes them to a root hook it starts, and the site config; or
+    the hook's exit code, its reason logged (nobody reads the stderr of a detached hook)."""
+    from blahvm.config import ConfigError, load_config
+
+    if len(argv) != 2 or not all(a.isdigit() and len(a) < 11 for a in argv) or int(argv[1]) == 0:
+        log_event(hook, f"usage: {usage} (got {printable(' '.join(argv))[:200]})")
+        return 2
+    try:
+        return argv[0], int(argv[1]), load_config(config)
+    except ConfigError as error:
+        log_event(hook, f"bad config: {error}", job_id=argv[0])
+        return 1
+
+
 def follow_main(config: str, argv: "Optional[List[str]]" = None, environ: "Optional[Mapping[str, str]]" = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     environ = os.environ if environ is None else environ
 
     def body() -> int:
-        from blahvm.config import ConfigError, load_config
         from blahvm.lifecycle import follow
         from blahvm.model import Outcome
 
-        if len(argv) != 2 or not all(a.isdigit() and len(a) < 11 for a in argv) or int(argv[1]) == 0:
-            log_event("slurm-follow", f"usage: FOLLOW JOBID PID (got {printable(' '.join(argv))[:200]})")
-            return 2
-        job_id, pid = argv[0], int(argv[1])
-        try:
-            site = load_config(config)
-        except ConfigError as error:
-            log_event("slurm-follow", f"bad config: {error}", job_id=job_id)
-            return 1
+        started = _spank_started("slurm-follow", "FOLLOW JOBID PID", config, argv)
+        if isinstance(started, int):
+            return started
+        job_id, pid, site = started
         result = follow(site, _followed_key(site, job_id, environ), [pid])
         log_event("slurm-follow", result.message, job_id=job_id, log_file=site.host.log_file)
         return 0 if result.outcome is Outcome.OK else 1
@@ -508,19 +517,13 @@ def charge_main(config: str, argv: "Optional[List[str]]" = None, environ: "Optio
     environ = os.environ if environ is None else environ
 
     def body() -> int:
-        from blahvm.config import ConfigError, load_config
         from blahvm.lifecycle.charge import charge
         from blahvm.model import Outcome
 
-        if len(argv) != 2 or not all(a.isdigit() and len(a) < 11 for a in argv) or int(argv[1]) == 0:
-            log_event("slurm-charge", f"usage: CHARGE JOBID STEPD_PID (got {printable(' '.join(argv))[:200]})")
-            return 2
-        job_id, stepd = argv[0], int(argv[1])
-        try:
-            site = load_config(config)
-        except ConfigError as error:
-            log_event("slurm-charge", f"bad config: {error}", job_id=job_id)
-            return 1
+        started = _spank_started("slurm-charge", "CHARGE JOBID STEPD_PID", config, argv)
+        if isinstance(started, int):
+            return started
+        job_id, stepd, site = started
         key = _followed_key(site, job_id, environ)
         reference = _placeholder(stepd)
         if reference is None:
