@@ -121,7 +121,7 @@ def test_a_malformed_addition_is_refused_with_file_line_and_key():
         "site.yaml:10: environments.debian.user_data.packges: unknown or unsupported cloud-config key (did you "
         "mean 'packages'?); a site may add: write_files, runcmd, bootcmd, packages, package_update, "
         "package_upgrade, mounts, timezone",
-        "site.yaml:11: environments.debian.user_data.runcmd: expected a list, got text",
+        "site.yaml:11: environments.debian.user_data.runcmd: expected a list, got 'echo hi'",
         "site.yaml:13: environments.debian.user_data.bootcmd[0]: an empty command",
         "site.yaml:14: environments.debian.user_data.bootcmd[1][1]: expected text, got 7 (a number); quote it",
         "site.yaml:16: environments.debian.user_data.write_files[0]: a write_files entry needs a path",

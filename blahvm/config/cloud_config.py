@@ -13,7 +13,7 @@ import json
 import re
 from typing import Any, Callable, Optional
 
-from blahvm.config.problems import Problems, did_you_mean
+from blahvm.config.problems import Problems, did_you_mean, kind_of
 from blahvm.config.source import Path
 
 # Where blahvm writes in the guest (blahvm.context): a site's write_files never lands there.
@@ -43,25 +43,11 @@ _PERMISSIONS = re.compile(r"0?[0-7]{3}\Z")
 _OWNER = re.compile(r"[a-z_][a-z0-9_.-]{0,31}(:[a-z_][a-z0-9_.-]{0,31})?\Z")
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, bool):
-        return "a yes/no value"
-    if isinstance(value, (int, float)):
-        return f"{value} (a number)"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return "text"
-
-
 def _text(problems: Problems, path: Path, value: Any, empty: bool = False) -> bool:
     """Whether ``value`` is text a cloud-config file can carry as is (one problem if not)."""
     if not isinstance(value, str) or (not value and not empty):
         hint = "; quote it" if isinstance(value, (bool, int, float)) else ""
-        problems.add(path, f"expected {'text' if empty else 'non-empty text'}, got {_kind(value)}{hint}")
+        problems.add(path, f"expected {'text' if empty else 'non-empty text'}, got {kind_of(value)}{hint}")
         return False
     if _CONTROL.search(value):
         problems.add(path, "contains control characters (text only: tabs and line ends are fine)")
@@ -76,14 +62,14 @@ def _text(problems: Problems, path: Path, value: Any, empty: bool = False) -> bo
 
 def _bool(problems: Problems, path: Path, value: Any) -> bool:
     if not isinstance(value, bool):
-        problems.add(path, f"expected true or false, got {_kind(value)}")
+        problems.add(path, f"expected true or false, got {kind_of(value)}")
         return False
     return True
 
 
 def _list(problems: Problems, path: Path, value: Any, item: Callable[[Problems, Path, Any], bool]) -> bool:
     if not isinstance(value, list):
-        problems.add(path, f"expected a list, got {_kind(value)}")
+        problems.add(path, f"expected a list, got {kind_of(value)}")
         return False
     results = [item(problems, path + (i,), entry) for i, entry in enumerate(value)]
     return all(results)
@@ -120,7 +106,7 @@ WRITE_FILE_KEYS = ("path", "content", "permissions", "owner", "append", "defer")
 
 def _write_file(problems: Problems, path: Path, value: Any) -> bool:
     if not isinstance(value, dict):
-        problems.add(path, f"expected a mapping with path and content, got {_kind(value)}")
+        problems.add(path, f"expected a mapping with path and content, got {kind_of(value)}")
         return False
     good = True
     for key in value:
@@ -148,7 +134,7 @@ def _write_file(problems: Problems, path: Path, value: Any) -> bool:
     if "permissions" in value:
         permissions = value["permissions"]
         if not isinstance(permissions, str) or not _PERMISSIONS.match(permissions):
-            problems.add(path + ("permissions",), f"expected octal text such as '0644' (quoted), got {_kind(permissions)}")
+            problems.add(path + ("permissions",), f"expected octal text such as '0644' (quoted), got {kind_of(permissions)}")
             good = False
     if "owner" in value:
         owner = value["owner"]
@@ -177,7 +163,7 @@ ALLOWED = {
 def read_user_data(problems: Problems, path: Path, value: Any) -> Optional[str]:
     """The additions as canonical JSON text, or None after recording every problem."""
     if not isinstance(value, dict):
-        problems.add(path, f"expected a mapping of cloud-config keys, got {_kind(value)}")
+        problems.add(path, f"expected a mapping of cloud-config keys, got {kind_of(value)}")
         return None
     good = True
     for key, item in value.items():

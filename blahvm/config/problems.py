@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable, List, Optional
+from typing import Any, Iterable, List, Optional
 
 import attrs
 
 from blahvm.config.source import Document, Path
 from blahvm.errors import ConfigError
+from blahvm.quantities import shown
 
 
 @attrs.frozen
@@ -67,3 +68,18 @@ class Problems:
     def raise_if_any(self) -> None:
         if self.items:
             raise ConfigError(sorted(self.items, key=lambda p: p.line or 0))  # stable: file order
+
+
+def kind_of(value: Any) -> str:
+    """What a config value is, for a message that says what was expected instead."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a yes/no value)"
+    if isinstance(value, (int, float)):
+        return f"{value} (a number)"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return shown(value)

@@ -10,7 +10,7 @@ import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from blahvm.config.cloud_config import read_user_data
-from blahvm.config.problems import Problems, did_you_mean
+from blahvm.config.problems import Problems, did_you_mean, kind_of
 from blahvm.config.source import Path
 from blahvm.model import (
     CLONE_METHODS,
@@ -45,27 +45,13 @@ OPERATORS = ("<=", ">=", "==", "!=", "<", ">")
 Reader = Callable[[Problems, Path, Any], Any]
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, bool):
-        return f"{str(value).lower()} (a yes/no value)"
-    if isinstance(value, (int, float)):
-        return f"{value} (a number)"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return shown(value)
-
-
 # -- scalar readers ---------------------------------------------------------------------------
 
 
 def read_string(problems: Problems, path: Path, value: Any) -> Any:
     if not isinstance(value, str) or not value:
         hint = "; quote it" if isinstance(value, (bool, int, float)) else ""
-        problems.add(path, f"expected a non-empty string, got {_kind(value)}{hint}")
+        problems.add(path, f"expected a non-empty string, got {kind_of(value)}{hint}")
         return INVALID
     return value
 
@@ -90,7 +76,7 @@ def read_absolute_path(problems: Problems, path: Path, value: Any) -> Any:
 
 def read_positive_int(problems: Problems, path: Path, value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        problems.add(path, f"expected a whole number of at least 1, got {_kind(value)}")
+        problems.add(path, f"expected a whole number of at least 1, got {kind_of(value)}")
         return INVALID
     if value > MAX:  # it must fit the ledger's 64-bit integers
         problems.add(path, f"{shown(value)} is too large (at most {MAX})")
@@ -100,7 +86,7 @@ def read_positive_int(problems: Problems, path: Path, value: Any) -> Any:
 
 def read_bool(problems: Problems, path: Path, value: Any) -> Any:
     if not isinstance(value, bool):
-        problems.add(path, f"expected true or false, got {_kind(value)}")
+        problems.add(path, f"expected true or false, got {kind_of(value)}")
         return INVALID
     return value
 
@@ -155,7 +141,7 @@ def read_choice(*choices: str) -> Reader:
     def read(problems: Problems, path: Path, value: Any) -> Any:
         if value not in choices or not isinstance(value, str):
             problems.add(
-                path, f"{_kind(value)} is not one of {', '.join(choices)}{did_you_mean(value, choices)}"
+                path, f"{kind_of(value)} is not one of {', '.join(choices)}{did_you_mean(value, choices)}"
             )
             return INVALID
         return value
@@ -166,7 +152,7 @@ def read_choice(*choices: str) -> Reader:
 def read_list_of(reader: Reader) -> Reader:
     def read(problems: Problems, path: Path, value: Any) -> Any:
         if not isinstance(value, list):
-            problems.add(path, f"expected a list, got {_kind(value)}")
+            problems.add(path, f"expected a list, got {kind_of(value)}")
             return INVALID
         items = [reader(problems, path + (i,), item) for i, item in enumerate(value)]
         return INVALID if INVALID in items else tuple(items)
@@ -188,7 +174,7 @@ def read_fields(
     if value is None:
         value = {}
     if not isinstance(value, dict):
-        problems.add(path, f"expected a mapping, got {_kind(value)}")
+        problems.add(path, f"expected a mapping, got {kind_of(value)}")
         return None
     result: Dict[str, Any] = {}
     for key, item in value.items():
@@ -214,7 +200,7 @@ def read_named_section(
     if value is None:
         return {}
     if not isinstance(value, dict):
-        problems.add(path, f"expected a mapping of names, got {_kind(value)}")
+        problems.add(path, f"expected a mapping of names, got {kind_of(value)}")
         return {}
     entries = {}
     for name, entry in value.items():
@@ -385,7 +371,7 @@ def read_when(problems: Problems, path: Path, value: Any) -> Tuple[Predicate, ..
     if value is None:
         return ()
     if not isinstance(value, dict):
-        problems.add(path, f"expected a mapping of conditions, got {_kind(value)}")
+        problems.add(path, f"expected a mapping of conditions, got {kind_of(value)}")
         return ()
     predicates: List[Predicate] = []
     for field, condition in value.items():
@@ -425,7 +411,7 @@ def read_routes(problems: Problems, path: Path, value: Any) -> List[Tuple[int, R
     if value is None:
         return []
     if not isinstance(value, list):
-        problems.add(path, f"expected a list of routes, got {_kind(value)}")
+        problems.add(path, f"expected a list of routes, got {kind_of(value)}")
         return []
     routes = []
     for index, item in enumerate(value):
