@@ -56,7 +56,7 @@ def cloud_site(cloud_image):
     site = {
         "hypervisor": {"uri": REAL_URI, "pool": pool, "pool_path": os.path.join(where, "clones"),
                        "domain_type": "qemu", "timeout": "60s"},
-        "host": {"max_guests": 1, "state_dir": os.path.join(where, "state"), "run_dir": os.path.join(where, "run")},
+        "host": {"max_guests": 2, "state_dir": os.path.join(where, "state"), "run_dir": os.path.join(where, "run")},
         "environments": entry,
     }
     config = parse_config(yaml.safe_dump(site), "site.yaml")

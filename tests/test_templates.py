@@ -78,6 +78,18 @@ def _save_file(path, xml=SAVED_XML, stream=b"QEVM" + b"\x07" * 4096, cookie="<co
 # -- the save file and the job's definition (no guest) ------------------------------------------
 
 
+def test_a_template_is_made_only_where_one_more_guest_fits_beside_the_jobs():
+    """A template guest holds no slot while it is made: a full host leaves it to a later job."""
+    from blahvm.ledger import Usage
+    from blahvm.model import HostConfig
+
+    host = HostConfig(max_guests=2, memory=Size(1024 * MiB), vcpus=2)
+    shape = templates.Shape(Size(256 * MiB), 1)
+    assert templates.no_room(host, Usage(1, Size(256 * MiB), 1), shape) is None
+    assert "guests" in templates.no_room(host, Usage(2, Size(512 * MiB), 2), shape)
+    assert "memory" in templates.no_room(host, Usage(1, Size(900 * MiB), 1), shape)
+
+
 def test_a_job_state_carries_the_jobs_xml_and_the_templates_stream_byte_for_byte(tmp_path):
     template = str(tmp_path / "state.save")
     stream = _save_file(template)

@@ -230,6 +230,9 @@ class _Preparation(BringUp):
         try:
             return templates.find(self.config, key, self._shape()), None
         except templates.TemplateUnusable as unusable:
+            full = templates.no_room(self.config.host, self.ledger.usage(), self._shape())
+            if full is not None:
+                return None, f"{unusable}; none made now: {full}"
             self.make_template = True
             return None, f"{unusable}; making one"
 

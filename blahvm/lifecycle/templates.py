@@ -61,7 +61,9 @@ from blahvm.lifecycle._common import (
     job_state_path,
     ready_timeout_of,
 )
-from blahvm.model import Environment, SiteConfig
+from blahvm.ledger import NoCapacity, Usage
+from blahvm.ledger.capacity import check_fits
+from blahvm.model import Environment, HostConfig, SiteConfig
 from blahvm.quantities import Size
 from blahvm.trust import directory_problem
 
@@ -80,6 +82,17 @@ class TemplateUnusable(Exception):
 class Shape:
     memory: Size
     vcpus: int
+
+
+def no_room(host: HostConfig, usage: Usage, shape: Shape) -> Optional[str]:
+    """Why the host has no room now for a template guest beside its jobs' (``usage``, this job's
+    included), or None (pure). A template guest holds no ledger slot while it is made, so one is made
+    only where a job's guest would still fit: a full host makes it for a later job instead."""
+    try:
+        check_fits(host, usage, shape.memory, shape.vcpus)
+    except NoCapacity as full:
+        return f"no room for its guest beside the jobs' ({full})"
+    return None
 
 
 @attrs.frozen
