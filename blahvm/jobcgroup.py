@@ -160,6 +160,15 @@ def targets(memberships: Iterable[Membership], mounts: Iterable[Mount],
     return tuple(target for _, target in sorted(found, key=lambda pair: pair[0]))
 
 
+def leaving(mine: Iterable[Membership], init: Iterable[Membership], component: str) -> Tuple[Membership, ...]:
+    """Init's cgroups for each hierarchy where ``mine`` lies in a cgroup named ``component`` (a batch job's,
+    ``job_7``): where a helper process started from inside a job goes so that it holds none of the job's
+    cgroups, which the batch system removes when the job ends (pure)."""
+    theirs = {member.hierarchy: member for member in init}
+    return tuple(theirs[member.hierarchy] for member in mine
+                 if component in member.path.split("/") and member.hierarchy in theirs)
+
+
 def tightest_limit(values: Iterable[Optional[str]]) -> Optional[int]:
     """The lowest memory limit among a cgroup's and its ancestors' (``memory.limit_in_bytes`` on v1,
     ``memory.max`` on v2); None when none limits (pure)."""
@@ -299,3 +308,11 @@ def frozen(pid: int) -> bool:
         except OSError:
             continue
     return False
+
+
+def leave_job(component: str) -> None:
+    """Move this process out of every cgroup of the job named ``component`` into init's (see ``leaving``)."""
+    mounts = mounts_here()
+    places = targets(leaving(memberships_of(os.getpid()), memberships_of(1), component), mounts,
+                     controllers=JOINED + ("devices",), roots=True)
+    join(os.getpid(), places, charge_memory=False)

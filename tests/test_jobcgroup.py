@@ -214,3 +214,14 @@ def test_charge_leaves_alone_a_job_without_a_running_guest_or_without_a_qemu_her
         assert init.outcome is Outcome.OK and not init.charged and "in no cgroup of a job" in init.message
     finally:
         assert teardown(config, job.job_id).outcome is Outcome.OK
+
+
+def test_a_hook_leaves_only_the_cgroups_of_its_job_for_inits():
+    mine = jobcgroup.parse_cgroup(V1_CGROUP)
+    init = jobcgroup.parse_cgroup(V1_CGROUP.replace("/slurm_node1/uid_65534/job_7/step_extern/task_0", "/")
+                                  .replace("/slurm_node1/uid_65534/job_7/step_extern", "/"))
+    assert [(m.controllers, m.path) for m in jobcgroup.leaving(mine, init, "job_7")] == [
+        (("freezer",), "/"), (("memory",), "/"), (("cpuset",), "/"), (("cpuacct",), "/"), (("devices",), "/")]
+    assert jobcgroup.leaving(mine, init, "job_70") == ()  # another job's name is not a prefix match
+    v2 = jobcgroup.parse_cgroup(V2_CGROUP)
+    assert jobcgroup.leaving(v2, jobcgroup.parse_cgroup("0::/init.scope\n"), "job_7") == (Membership(0, (), "/init.scope"),)

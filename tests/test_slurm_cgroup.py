@@ -113,6 +113,14 @@ def cluster(site):
                       files={"job_submit.lua": os.path.join(hooks, "job_submit.lua"), "cgroup.conf": cgroup_conf}) as running:
         running.hooks = hooks
         yield running
+        # a failed test may leave a job running (suspended, even): end it through Slurm, or its slurmstepds
+        # would outlive the cluster, holding the job's cgroups
+        for job_id in running.run(["squeue", "-h", "-o", "%i"]).stdout.split():
+            running.run(["scontrol", "resume", job_id])
+            running.run(["scancel", job_id])
+        deadline = time.monotonic() + 120
+        while running.run(["squeue", "-h", "-o", "%i"]).stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.5)
 
 
 def _log(site) -> str:
@@ -244,6 +252,10 @@ def test_the_guest_is_the_jobs_in_sacct_in_suspension_and_in_blahvms_record(clus
         return rows if extern and extern[1] == "COMPLETED" and job_id in rows else None
 
     rows = _until(recorded, "sacct's record of the job", timeout=120)
+    # and Slurm removed the job's cgroups: blahvm's hooks left them in time, QEMU died with the extern step
+    import glob
+
+    _until(lambda: not glob.glob(f"/sys/fs/cgroup/*/slurm*/uid_*/job_{job_id}"), "the job's cgroups to go", timeout=60)
     total = _seconds(rows[job_id][2])
     extern = _seconds(rows[f"{job_id}.extern"][2])
 

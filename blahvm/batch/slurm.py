@@ -434,14 +434,29 @@ def _followed_key(site: "SiteConfig", job_id: str, environ: "Mapping[str, str]")
     return keys[0] if len(keys) == 1 else job_key(job_id, environ)
 
 
+def _leave_job(hook: str, job_id: str) -> None:
+    """Out of the job's cgroups (Slurm's cgroup plugins name them ``job_JOBID``) into init's: a hook started
+    from inside the job that outlives a step keeps Slurm from removing the job's cgroups (seen: the
+    follow hook, a moment after its task ended, left ``step_batch`` behind in the memory and cpuset
+    hierarchies). Nothing moves where Slurm keeps no cgroups (proctrack/linuxproc)."""
+    from blahvm import jobcgroup
+
+    try:
+        jobcgroup.leave_job(f"job_{job_id}")
+    except (jobcgroup.CgroupError, OSError) as error:
+        log_event(hook, f"could not leave job {job_id}'s cgroups: {error}", job_id=job_id)
+
+
 def _spank_started(hook: str, usage: str, config: str, argv: "Sequence[str]") -> "Union[int, Tuple[str, int, SiteConfig]]":
     """``JOBID PID`` as the SPANK plugin passes them to a root hook it starts, and the site config; or
-    the hook's exit code, its reason logged (nobody reads the stderr of a detached hook)."""
+    the hook's exit code, its reason logged (nobody reads the stderr of a detached hook). The hook is
+    then out of the job's cgroups."""
     from blahvm.config import ConfigError, load_config
 
     if len(argv) != 2 or not all(a.isdigit() and len(a) < 11 for a in argv) or int(argv[1]) == 0:
         log_event(hook, f"usage: {usage} (got {printable(' '.join(argv))[:200]})")
         return 2
+    _leave_job(hook, argv[0])
     try:
         return argv[0], int(argv[1]), load_config(config)
     except ConfigError as error:

@@ -10,12 +10,11 @@ kills it (before the batch system's epilogue runs: ``teardown`` then finds it go
 Since QEMU may be killed before ``teardown`` can read its statistics, ``charge`` stays beside the job
 and records the guest's usage in the ledger every ``interval`` seconds until QEMU is gone: what a
 job loses is at most the last interval before the batch system killed it. It runs as root, outside
-the job's cgroups itself.
+the job's cgroups itself (its caller moves it out: ``jobcgroup.leave_job``).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable, Optional
 
@@ -59,16 +58,6 @@ def limit_problem(limit: Optional[int], guest_memory: int) -> Optional[str]:
             f"{QEMU_OVERHEAD} for QEMU ({Size(needed)}), and the OOM killer would kill the guest")
 
 
-def _leave_job_cgroups() -> None:
-    """Move this process into init's cgroups: the batch system must be able to remove the job's when it ends."""
-    try:
-        mounts = jobcgroup.mounts_here()
-        places = jobcgroup.targets(jobcgroup.memberships_of(1), mounts, roots=True)
-        jobcgroup.join(os.getpid(), places, charge_memory=False)
-    except (jobcgroup.CgroupError, OSError):
-        pass  # only tidiness is at stake: the job's cgroup directories may then outlive it
-
-
 def charge(
     config: SiteConfig,
     job_id: str,
@@ -104,7 +93,6 @@ def charge(
             jobcgroup.join(pid, places)
             where = ", ".join(place.directory for place in places)
             report(f"{verb}: guest {entry.guest} (QEMU {pid}) moved into {where}")
-            _leave_job_cgroups()
             samples = _sample(config, job_id, entry.guest, pid, interval, should_stop, conn)
     except jobcgroup.CgroupError as error:
         return ChargeResult(Outcome.RETRY_ELSEWHERE, f"{verb}: {error}", job_id)
