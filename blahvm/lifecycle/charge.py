@@ -29,9 +29,9 @@ from blahvm.lifecycle.accounting import consumed_of
 from blahvm.model import Outcome, SiteConfig
 from blahvm.quantities import Size
 
-# What QEMU holds beyond the guest's own memory. Measured: 278 MiB resident for a 256 MiB guest under
-# TCG (22 MiB over), more with KVM's and virtiofs' buffers: a job's memory limit below the guest's
-# memory plus this would get the guest killed by the OOM killer.
+# What QEMU holds beyond the guest's own memory, with headroom. Measured: 274-278 MiB resident for a
+# 256 MiB guest under TCG (about 22 MiB over). A job's memory limit below the guest's memory plus this
+# would get the guest killed by the OOM killer.
 QEMU_OVERHEAD = Size(128 * 1024 * 1024)
 DEFAULT_INTERVAL = 1.0
 
