@@ -102,7 +102,8 @@ def settle_templates(config_path: str, timeout: float = 900) -> None:
 
     config = load_config(config_path)
     assert templates.wait_for_makers(config, timeout), f"a template maker of {config_path} still works"
-    assert templates.leftovers(config, set()) == []
+    left = templates.leftovers(config, set())
+    assert left == [], f"template makers of {config_path} left {left}"
 
 
 def remove_pool_and_its_guests(pool: str) -> None:

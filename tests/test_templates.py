@@ -90,6 +90,40 @@ def test_a_template_is_made_only_where_one_more_guest_fits_beside_the_jobs():
     assert "memory" in templates.no_room(host, Usage(1, Size(900 * MiB), 1), shape)
 
 
+# A hook as the batch systems run it: the system python3, isolated, blahvm's directories written in.
+HOOK = """\
+import json, os, sys
+sys.path[:0] = json.loads(sys.argv[1])
+from blahvm.config import load_config
+from blahvm.lifecycle import templates
+config = load_config(sys.argv[2])
+environment = config.environments["demo"]
+pid = templates.make_in_background(config, environment, templates.Shape(environment.memory, environment.vcpus))
+os.waitpid(pid, 0)
+print(json.dumps(sorted(os.listdir(templates.root(config)))))
+"""
+
+
+def test_a_maker_started_from_a_hook_on_the_system_python_runs_blahvm(tmp_path, golden):
+    """The maker runs on its starter's interpreter and import path: started from a hook whose python has
+    blahvm on none of its own paths, it still imports blahvm, and so takes its mark away when it ends."""
+    import json
+    import subprocess
+
+    from blahvm.batch.install import import_paths
+    from blahvm.config.dump import dump_config
+
+    config = make_config(tmp_path, golden)
+    os.makedirs(config.host.state_dir)
+    path = tmp_path / "site.yaml"
+    path.write_text(dump_config(config))
+    done = subprocess.run(["/usr/bin/python3", "-IS", "-c", HOOK, json.dumps(import_paths()), str(path)],
+                          capture_output=True, text=True, timeout=120, cwd="/")
+    assert done.returncode == 0, done.stderr
+    left = json.loads(done.stdout)
+    assert not [name for name in left if name.startswith(".maker-")], left  # a maker that never ran keeps it
+
+
 def test_a_job_state_carries_the_jobs_xml_and_the_templates_stream_byte_for_byte(tmp_path):
     template = str(tmp_path / "state.save")
     stream = _save_file(template)

@@ -587,6 +587,17 @@ def remove_leftovers(paths: List[str]) -> None:
 # -- made in the background, after a job booted for want of one -----------------------------------
 
 
+# The maker's interpreter is the one of the process that starts it, with the same import path: a
+# hook runs ``python -IS`` with blahvm's directories written into it, on an interpreter that may have
+# blahvm on none of its own paths (the system python3 of the LSF and PBS hooks).
+_MAKER = """\
+import json, sys
+sys.path[:0] = json.loads(sys.argv[1])
+from blahvm.lifecycle.templates import _main
+sys.exit(_main(sys.argv[2:]))
+"""
+
+
 def make_in_background(config: SiteConfig, environment: Environment, shape: Shape) -> int:
     """Start a process of its own that makes the template (the job that needed it has booted);
     returns its pid. It outlives the prologue; if it is killed, reap cleans up after it."""
@@ -596,7 +607,7 @@ def make_in_background(config: SiteConfig, environment: Environment, shape: Shap
     from blahvm.config.dump import dump_config
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "blahvm.lifecycle.templates", environment.name, str(int(shape.memory)),
+        [sys.executable, "-IS", "-c", _MAKER, json.dumps(sys.path), environment.name, str(int(shape.memory)),
          str(shape.vcpus)],
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         close_fds=True,
