@@ -349,8 +349,11 @@ def test_guest_cpu_is_the_jobs_and_qsig_suspend_pauses_the_guest(openpbs):
     cput = pbs_seconds(used["cput"])
     assert cput >= runs[0].cpu_seconds and cput >= BURN_TICKS / 100 * 0.6, (used, runs, _log(openpbs))
     assert pbs_kb(used["mem"]) * 1024 >= runs[0].max_memory_bytes, (used, runs)
-    # walltime: the guest's run without the 4 s or more it spent paused (the mom's polls lag behind it)
-    assert 1 <= pbs_seconds(used["walltime"]) <= runs[0].wall_seconds - 3, (used, runs, _log(openpbs))
+    # walltime: never more than the guest's whole run, its 4 s or more paused included. The hook
+    # subtracts the pause from the guest's run (test_pbs.py checks the rule) but keeps the mom's own
+    # figure when larger, and the mom stops and starts its clock at its polls, seconds apart under load:
+    # how much of the pause shows depends on them (seen: 7 s of a 9.7 s run with 4 s paused).
+    assert 1 <= pbs_seconds(used["walltime"]) <= runs[0].wall_seconds, (used, runs, _log(openpbs))
     _nothing_left(openpbs)
 
 
