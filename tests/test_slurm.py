@@ -317,7 +317,8 @@ def test_scontrol_suspend_pauses_the_guest_and_resume_lets_the_job_finish(cluste
             raise AssertionError(f"{error}\n{_blahvm_log(cluster)}") from None
         before = _vcpu_seconds(guest)
         time.sleep(3)
-        assert _vcpu_seconds(guest) == before  # no CPU time passes in a suspended job's guest
+        # no CPU time passes in a suspended job's guest
+        assert _vcpu_seconds(guest) == pytest.approx(before, abs=0.05)
         assert _virsh("domstate", guest).stdout.strip() == "paused"
     finally:
         cluster.scontrol("resume", job_id)
