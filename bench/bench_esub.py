@@ -21,7 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.lsf_harness import write_site  # noqa: E402
+from tests.lsf_harness import standin_bjobs, write_site  # noqa: E402
 from tests.test_lsf import REAL_SUBMIT, SITE  # noqa: E402  (the test site and a real parameter file)
 
 
@@ -53,10 +53,12 @@ def main() -> int:
 def measure(runs: int = 100, python: str = sys.executable):
     """Median seconds of (python -c pass, python -IS -c pass, the installed esub), measured alternately."""
     directory = tempfile.mkdtemp(prefix="blahvm-bench-esub-", dir="/var/tmp")
+    os.chmod(directory, 0o755)  # the install checks, as an unprivileged user, that the hooks can run
     try:
         config, serverdir = write_site(directory, SITE.format(d=directory))
         subprocess.run([sys.executable, "-m", "blahvm.cli.main", "install", "lsf", "--serverdir", serverdir,
-                        "--config", config, "--cache-dir", os.path.join(directory, "cache"), "--python", python],
+                        "--config", config, "--cache-dir", os.path.join(directory, "cache"), "--python", python,
+                        "--bjobs", standin_bjobs(serverdir)],  # PRE_EXEC's; the esub never runs it
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         parm = os.path.join(directory, "parm")
         with open(parm, "w") as stream:
