@@ -494,18 +494,22 @@ class _Making:
         return _alive(self.pid, self.start)
 
 
-def _making_dirs(config: SiteConfig) -> List[_Making]:
+def _named(config: SiteConfig, prefix: str) -> List[str]:
+    """What the site's templates directory holds under names starting ``prefix`` (the part after it)."""
     try:
         names = os.listdir(root(config))
     except FileNotFoundError:
         return []
+    return [name[len(prefix):] for name in names if name.startswith(prefix)]
+
+
+def _making_dirs(config: SiteConfig) -> List[_Making]:
     found = []
-    for name in names:
-        if name.startswith(MAKING + "t-"):
-            parts = name[len(MAKING) + 2:].split("-")
-            with contextlib.suppress(ValueError, IndexError):
-                start = int(parts[2]) if len(parts) > 2 else None
-                found.append(_Making(os.path.join(root(config), name), parts[0], int(parts[1]), start))
+    for rest in _named(config, MAKING + "t-"):
+        parts = rest.split("-")  # KEY-PID-START (START missing in older names)
+        with contextlib.suppress(ValueError, IndexError):
+            start = int(parts[2]) if len(parts) > 2 else None
+            found.append(_Making(os.path.join(root(config), MAKING + "t-" + rest), parts[0], int(parts[1]), start))
     return found
 
 
@@ -530,16 +534,11 @@ def _maker_path(config: SiteConfig, pid: int, start: int) -> str:
 
 
 def _makers(config: SiteConfig) -> List[_Maker]:
-    try:
-        names = os.listdir(root(config))
-    except FileNotFoundError:
-        return []
     found = []
-    for name in names:
-        if name.startswith(MAKER):
-            with contextlib.suppress(ValueError):
-                pid, start = name[len(MAKER):].split("-")
-                found.append(_Maker(os.path.join(root(config), name), int(pid), int(start)))
+    for rest in _named(config, MAKER):
+        with contextlib.suppress(ValueError):
+            pid, start = rest.split("-")
+            found.append(_Maker(os.path.join(root(config), MAKER + rest), int(pid), int(start)))
     return found
 
 
