@@ -82,11 +82,28 @@ def test_cores_are_per_node_for_a_job_on_several_nodes(site, tmp_path):
 @pytest.mark.parametrize("argv", [[], ["5"], ["5", "0"], ["5", "-3"], ["x", "12"], ["5", "12", "13"],
                                   ["5", "1" * 40], ["5\n", "12"]])
 def test_the_follow_hook_refuses_anything_but_a_job_id_and_a_pid(site, argv, capfd):
-    assert follow_main(site, argv=argv, environ={"SLURMD_NODENAME": "n1"}) == 2
+    assert follow_main(site, argv=argv) == 2
     assert capfd.readouterr().err == ""  # started detached by the SPANK plugin: nobody reads its stderr
 
 
 def test_the_follow_hook_of_a_job_without_a_guest_says_so_and_ends(site, tmp_path):
     """The job's guest is gone (or never was): nothing to pause, one line in the log, no hypervisor needed."""
-    assert follow_main(site, argv=["5300002", "1"], environ={"SLURMD_NODENAME": "n1"}) == 1
+    assert follow_main(site, argv=["5300002", "1"]) == 1
     assert "no running guest" in (tmp_path / "blahvm.log").read_text()
+
+
+def test_the_root_hooks_find_the_job_in_the_ledger_never_by_a_node_name_from_the_jobs_environment(site, tmp_path,
+                                                                                                monkeypatch):
+    """The SPANK plugin's root hooks get no environment of the job's: a SLURMD_NODENAME its user set
+    must not choose which guest follow or charge acts on (it would keep the guest out of its job's
+    suspension and cgroups)."""
+    from blahvm.batch.slurm import _followed_key
+    from blahvm.config import load_config
+    from blahvm.ledger import Ledger
+    from blahvm.quantities import Size
+
+    config = load_config(site)
+    with Ledger(config.host) as ledger:
+        ledger.reserve("5300003@node7", "nobody", None, "vm", Size(2**28), 1)
+    monkeypatch.setenv("SLURMD_NODENAME", "elsewhere")
+    assert _followed_key(config, "5300003") == "5300003@node7"

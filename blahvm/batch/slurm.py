@@ -421,17 +421,17 @@ def task_main(config: str, argv: "Optional[List[str]]" = None, environ: "Optiona
     return run_hook("slurm-task", body, on_error=TASK_FAILED)
 
 
-def _followed_key(site: "SiteConfig", job_id: str, environ: "Mapping[str, str]") -> str:
-    """The job's ledger key. slurmstepd has not set SLURMD_NODENAME yet when the SPANK plugin starts
-    the follow hook, and the host name need not be the node's name: so this job's one live entry on
-    this host (one node of a job per host), else the key the host name gives."""
+def _followed_key(site: "SiteConfig", job_id: str) -> str:
+    """The job's ledger key, for the root hooks the SPANK plugin starts: this job's one live entry on
+    this host (one node of a job per host), else the key this host's name gives. Never from
+    SLURMD_NODENAME: in the step's early callbacks it would be the job's own environment, which its
+    user shapes, and a key of the user's choosing would leave the guest out of its job's suspension
+    and cgroups."""
     from blahvm.ledger import Ledger
 
-    if environ.get("SLURMD_NODENAME"):
-        return job_key(job_id, environ)
     with Ledger(site.host) as ledger:
         keys = [entry.job_id for entry in ledger.live() if entry.job_id.startswith(f"{job_id}@")]
-    return keys[0] if len(keys) == 1 else job_key(job_id, environ)
+    return keys[0] if len(keys) == 1 else job_key(job_id, {})
 
 
 def _leave_job(hook: str, job_id: str) -> None:
@@ -464,9 +464,8 @@ def _spank_started(hook: str, usage: str, config: str, argv: "Sequence[str]") ->
         return 1
 
 
-def follow_main(config: str, argv: "Optional[List[str]]" = None, environ: "Optional[Mapping[str, str]]" = None) -> int:
+def follow_main(config: str, argv: "Optional[List[str]]" = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    environ = os.environ if environ is None else environ
 
     def body() -> int:
         from blahvm.lifecycle import follow
@@ -476,7 +475,7 @@ def follow_main(config: str, argv: "Optional[List[str]]" = None, environ: "Optio
         if isinstance(started, int):
             return started
         job_id, pid, site = started
-        result = follow(site, _followed_key(site, job_id, environ), [pid])
+        result = follow(site, _followed_key(site, job_id), [pid])
         log_event("slurm-follow", result.message, job_id=job_id, log_file=site.host.log_file)
         return 0 if result.outcome is Outcome.OK else 1
 
@@ -523,13 +522,12 @@ def _placeholder(stepd: int, wait: float = 10.0) -> "Optional[int]":
         time.sleep(0.1)
 
 
-def charge_main(config: str, argv: "Optional[List[str]]" = None, environ: "Optional[Mapping[str, str]]" = None) -> int:
+def charge_main(config: str, argv: "Optional[List[str]]" = None) -> int:
     """``CHARGE JOBID STEPD``: started as root by the SPANK plugin when the job's extern step starts
     (``PrologFlags=Contain``), detached. Moves the job's guest into the cgroups Slurm gave the extern
     step's placeholder, so Slurm's cgroup plugins count, limit and freeze it, and records the guest's
     usage until Slurm ends it with the job."""
     argv = sys.argv[1:] if argv is None else argv
-    environ = os.environ if environ is None else environ
 
     def body() -> int:
         from blahvm.lifecycle.charge import charge
@@ -539,7 +537,7 @@ def charge_main(config: str, argv: "Optional[List[str]]" = None, environ: "Optio
         if isinstance(started, int):
             return started
         job_id, stepd, site = started
-        key = _followed_key(site, job_id, environ)
+        key = _followed_key(site, job_id)
         reference = _placeholder(stepd)
         if reference is None:
             log_event("slurm-charge", f"charge {key}: no extern step placeholder under slurmstepd {stepd}; "

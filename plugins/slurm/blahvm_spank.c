@@ -105,22 +105,19 @@ int slurm_spank_init(spank_t sp, int ac, char **av)
 
 /*
  * Start `HOOK JOBID PID` (follow or charge), detached: a new session, reparented to init (a double
- * fork), stdio on /dev/null, no other descriptor of slurmstepd's, an environment of its own.
+ * fork), stdio on /dev/null, no other descriptor of slurmstepd's, an environment of its own with
+ * nothing of the job's (the hook finds the job's entry in the host's ledger by its id).
  */
-static void start_hook(char *hook, uint32_t job_id, pid_t task, const char *node)
+static void start_hook(char *hook, uint32_t job_id, pid_t task)
 {
-	char id[16], pid[16], node_env[128] = "SLURMD_NODENAME=";
+	char id[16], pid[16];
 	char *argv[] = {hook, id, pid, NULL};
-	char *envp[] = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin", node_env, NULL};
+	char *envp[] = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin", NULL};
 	pid_t child;
 	int status, fd;
 
 	snprintf(id, sizeof(id), "%u", job_id);
 	snprintf(pid, sizeof(pid), "%d", (int) task);
-	if (node[0] != '\0' && strlen(node) < sizeof(node_env) - strlen(node_env))
-		strcat(node_env, node);
-	else
-		envp[1] = NULL;
 	child = fork();
 	if (child < 0) {
 		slurm_error("blahvm: cannot start %s: %m", hook);
@@ -148,7 +145,6 @@ static void start_hook(char *hook, uint32_t job_id, pid_t task, const char *node
 int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 {
 	uint32_t step, job_id;
-	char node[64] = "";
 
 	(void) ac;
 	(void) av;
@@ -160,9 +156,7 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 		slurm_error("blahvm: cannot tell this task's job: its guest is not paused with it");
 		return 0;  /* the job still runs; only its suspension would not reach the guest */
 	}
-	if (spank_getenv(sp, "SLURMD_NODENAME", node, sizeof(node)) != ESPANK_SUCCESS)
-		node[0] = '\0';  /* the follow hook then takes the host name, as the other hooks do */
-	start_hook(follow_path, job_id, getpid(), node);
+	start_hook(follow_path, job_id, getpid());
 	return 0;
 }
 
@@ -174,7 +168,6 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 int slurm_spank_task_post_fork(spank_t sp, int ac, char **av)
 {
 	uint32_t step, job_id;
-	char node[64] = "";
 
 	(void) ac;
 	(void) av;
@@ -186,9 +179,7 @@ int slurm_spank_task_post_fork(spank_t sp, int ac, char **av)
 		slurm_error("blahvm: cannot tell the extern step's job: its guest is not charged to it");
 		return 0;  /* the job still runs; only Slurm's accounting and limits miss its guest */
 	}
-	if (spank_getenv(sp, "SLURMD_NODENAME", node, sizeof(node)) != ESPANK_SUCCESS)
-		node[0] = '\0';
-	start_hook(charge_path, job_id, getpid(), node);
+	start_hook(charge_path, job_id, getpid());
 	return 0;
 }
 
